@@ -1,0 +1,125 @@
+/**
+ * Composition root: builds every part of flexcapd from a Config and starts serving.
+ * Start-up order matters: state dir lock → stores → reconcile capsules → listen.
+ */
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { agentService } from "./api/agent_service.ts";
+import { capsuleService } from "./api/capsule_service.ts";
+import { imageService } from "./api/image_service.ts";
+import { type ApiServer, startServer } from "./api/server.ts";
+import { memoryBudget } from "./capsule/capacity.ts";
+import { EventBus } from "./capsule/events.ts";
+import { CapsuleManager } from "./capsule/manager.ts";
+import { CapsuleStore } from "./capsule/store.ts";
+import type { Config } from "./config/schema.ts";
+import { UnavailableError } from "./errors.ts";
+import { ImageCatalog } from "./image/catalog.ts";
+import { hostKernelArgs } from "./image/kernels.ts";
+import { ImageStore } from "./image/store.ts";
+import { type Logger, setLogLevel } from "./log.ts";
+import { VERSION } from "./version.ts";
+import { chooseAccelerator, probeHost } from "./vmm/accel.ts";
+import { qemuVersion } from "./vmm/process.ts";
+
+/** Where capsule-init is found: FLEXCAP_CAPSULE_INIT, else the repo's build output. */
+export function defaultCapsuleInit(): string {
+  return Deno.env.get("FLEXCAP_CAPSULE_INIT") ??
+    fileURLToPath(new URL("../capsule-os/init/build/capsule-init", import.meta.url));
+}
+
+/** A running agent. */
+export interface RunningAgent {
+  manager: CapsuleManager;
+  server: ApiServer;
+  stop(): Promise<void>;
+}
+
+/** Starts flexcapd with `config`. */
+export async function startAgent(config: Config, log: Logger): Promise<RunningAgent> {
+  setLogLevel(config.log_level);
+  await Deno.mkdir(config.state_dir, { recursive: true, mode: 0o700 });
+  const lock = await lockStateDir(config.state_dir);
+  const accel = chooseAccelerator(config.accelerator, probeHost());
+  const budget = memoryBudget(config.memory.overcommit_ratio, config.memory.reserve_mib);
+  const qemu = await qemuVersion(config.qemu_binary);
+  log.info("flexcapd starting", {
+    version: VERSION,
+    stateDir: config.state_dir,
+    accelerator: accel.accelerator,
+    why: accel.reason,
+    qemu,
+    allocatableMib: budget.allocatableMib,
+  });
+
+  const images = new ImageStore(config.state_dir);
+  await images.open();
+  const bus = new EventBus();
+  const hostCmdline = hostKernelArgs(accel.accelerator);
+  // deno-lint-ignore prefer-const
+  let manager: CapsuleManager;
+  const catalog = new ImageCatalog(images, {
+    cacheDir: config.cache_dir,
+    capsuleInit: defaultCapsuleInit(),
+    log: log.with({ component: "image" }),
+    usersOf: (id) => manager.usersOfImage(id),
+  });
+  manager = new CapsuleManager({
+    config,
+    log,
+    store: new CapsuleStore(config.state_dir, log),
+    images,
+    bus,
+    accel,
+    budget,
+    bootFiles: (m) => Promise.resolve({ ...catalog.bootFiles(m), hostCmdline }),
+  });
+  await manager.open();
+
+  const apiLog = log.with({ component: "api" });
+  const server = await startServer({
+    capsule: capsuleService(manager, apiLog),
+    image: imageService(catalog, apiLog),
+    agent: agentService({
+      version: VERSION,
+      accelerator: accel.accelerator,
+      acceleratorReason: accel.reason,
+      cpuModel: config.cpu_model,
+      qemuVersion: qemu,
+      memoryTotalMib: budget.totalMib,
+      memoryAllocatableMib: budget.allocatableMib,
+      committedMib: () => manager.committedMib(),
+      capsules: () => manager.count,
+    }, apiLog),
+  }, { address: config.api, socketMode: config.api_socket_mode, tls: config.tls });
+  log.info("flexcapd ready", { api: config.api, capsules: manager.count });
+
+  return {
+    manager,
+    server,
+    async stop() {
+      await server.shutdown();
+      manager.close(); // capsules keep running; the next agent re-adopts them
+      lock.close();
+      log.info("flexcapd stopped; capsules left running");
+    },
+  };
+}
+
+// One agent per state dir: a second one would fight over QEMU sockets and records.
+async function lockStateDir(stateDir: string): Promise<Deno.FsFile> {
+  const f = await Deno.open(join(stateDir, "agent.lock"), { read: true, write: true, create: true, mode: 0o600 });
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    await Promise.race([
+      f.lock(true),
+      new Promise((_, reject) => timer = setTimeout(() => reject(new Error("timeout")), 2_000)),
+    ]);
+  } catch {
+    f.close();
+    throw new UnavailableError(`state dir ${stateDir} is locked by another flexcapd`);
+  } finally {
+    clearTimeout(timer);
+  }
+  return f;
+}

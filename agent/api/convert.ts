@@ -1,0 +1,108 @@
+/**
+ * Converters between wire (agent/gen) and domain types. The only file that knows both.
+ */
+import * as pb from "../gen/flexcap/v1/capsule.ts";
+import * as ipb from "../gen/flexcap/v1/image.ts";
+import type { CapsuleView } from "../capsule/manager.ts";
+import type { CapsuleEvent } from "../capsule/events.ts";
+import type { CapsuleStateName } from "../capsule/states.ts";
+import type { PortMapping, Protocol } from "../capsule/types.ts";
+import type { ImageInfo } from "../image/manifest.ts";
+
+const STATE: Record<CapsuleStateName, pb.CapsuleState> = {
+  created: pb.CapsuleState.CAPSULE_STATE_CREATED,
+  starting: pb.CapsuleState.CAPSULE_STATE_STARTING,
+  running: pb.CapsuleState.CAPSULE_STATE_RUNNING,
+  paused: pb.CapsuleState.CAPSULE_STATE_PAUSED,
+  stopping: pb.CapsuleState.CAPSULE_STATE_STOPPING,
+  stopped: pb.CapsuleState.CAPSULE_STATE_STOPPED,
+  saving: pb.CapsuleState.CAPSULE_STATE_SAVING,
+  saved: pb.CapsuleState.CAPSULE_STATE_SAVED,
+  restoring: pb.CapsuleState.CAPSULE_STATE_RESTORING,
+};
+
+const EVENT: Record<CapsuleEvent["type"], pb.EventType> = {
+  created: pb.EventType.EVENT_TYPE_CREATED,
+  state_changed: pb.EventType.EVENT_TYPE_STATE_CHANGED,
+  deleted: pb.EventType.EVENT_TYPE_DELETED,
+};
+
+/** Wire protocol enum → domain ("tcp" when unspecified). */
+export function protocolFromPb(p: pb.Protocol): Protocol {
+  return p === pb.Protocol.PROTOCOL_UDP ? "udp" : "tcp";
+}
+
+function portToPb(p: PortMapping): pb.PortMapping {
+  return {
+    guestPort: p.guestPort,
+    hostPort: p.hostPort,
+    protocol: p.protocol === "udp" ? pb.Protocol.PROTOCOL_UDP : pb.Protocol.PROTOCOL_TCP,
+  };
+}
+
+/** Domain capsule → wire Capsule. */
+export function capsuleToPb(v: CapsuleView): pb.Capsule {
+  const r = v.record;
+  return {
+    id: r.id,
+    name: r.name,
+    state: STATE[r.state],
+    stateReason: r.stateReason,
+    spec: {
+      image: r.spec.image,
+      memoryMib: r.spec.memoryMib,
+      vcpus: r.spec.vcpus,
+      args: r.spec.args,
+      env: r.spec.env,
+      labels: r.spec.labels,
+      ports: r.spec.ports.map(portToPb),
+    },
+    imageId: r.imageId,
+    createdAt: new Date(r.createdAt),
+    updatedAt: new Date(r.updatedAt),
+    qemuPid: r.runtime?.pid ?? 0,
+    memory: v.memory
+      ? {
+        guestMib: r.spec.memoryMib,
+        qemuRssKib: v.memory.rssKib,
+        qemuOverheadKib: v.memory.overheadKib,
+        guestResidentKib: v.memory.guestResidentKib,
+      }
+      : undefined,
+    ports: (r.runtime?.ports ?? []).map(portToPb),
+    hostAddress: r.runtime?.hostAddress ?? "",
+    accelerator: r.runtime?.accelerator ?? "",
+    exitCode: r.exitCode,
+  };
+}
+
+/** Domain event → wire Event. */
+export function eventToPb(e: CapsuleEvent): pb.Event {
+  return {
+    seq: e.seq,
+    time: e.time,
+    type: EVENT[e.type],
+    capsuleId: e.capsuleId,
+    capsuleName: e.capsuleName,
+    state: STATE[e.state],
+    previousState: e.previousState ? STATE[e.previousState] : pb.CapsuleState.CAPSULE_STATE_UNSPECIFIED,
+    message: e.message,
+  };
+}
+
+/** Domain image → wire Image. */
+export function imageToPb(i: ImageInfo): ipb.Image {
+  const m = i.manifest;
+  return {
+    id: i.id,
+    name: i.name,
+    kernel: ipb.KernelKind.KERNEL_KIND_LINUX_VM,
+    entrypoint: m.entrypoint,
+    args: m.args,
+    env: m.env,
+    defaultMemoryMib: m.defaultMemoryMib,
+    sizeBytes: m.sizeBytes,
+    files: m.files,
+    createdAt: i.createdAt,
+  };
+}

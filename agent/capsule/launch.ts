@@ -1,0 +1,72 @@
+/**
+ * Turns a capsule record + its image into what QEMU and capsule-init need: the QEMU
+ * launch spec and the LaunchConfig bytes handed to the guest through fw_cfg.
+ */
+import { LaunchConfig } from "../gen/flexcap/guest/v1/guest.ts";
+import type { ImageManifest } from "../image/manifest.ts";
+import type { Accelerator } from "../vmm/accel.ts";
+import { macForCapsule, type QemuLaunchSpec } from "../vmm/qemu_args.ts";
+import { USERMODE_GUEST } from "../net/usermode.ts";
+import type { CapsulePaths } from "./store.ts";
+import type { CapsuleRecord, PortMapping } from "./types.ts";
+
+/** Host settings that shape every launch. */
+export interface LaunchHost {
+  accelerator: Accelerator;
+  cpuModel: string;
+  hostAddress: string;
+  kernelPath: string;
+  initrdPath: string;
+  /** Extra kernel arguments the host needs (e.g. tsc_early_khz under TCG). */
+  hostCmdline: string;
+  tcgTbSizeMib: number;
+}
+
+/** The guest's argv and environment: the capsule's args replace the image's, env merges over it. */
+export function guestCommand(rec: CapsuleRecord, image: ImageManifest): { argv: string[]; env: string[] } {
+  const args = rec.spec.args.length > 0 ? rec.spec.args : image.args;
+  const env = { ...image.env, ...rec.spec.env };
+  return { argv: [image.entrypoint, ...args], env: Object.entries(env).map(([k, v]) => `${k}=${v}`) };
+}
+
+/** Encodes the LaunchConfig for fw_cfg. */
+export function encodeLaunchConfig(rec: CapsuleRecord, image: ImageManifest): Uint8Array {
+  const { argv, env } = guestCommand(rec, image);
+  return LaunchConfig.encode({ argv, env, net: USERMODE_GUEST, capsuleId: rec.id }).finish();
+}
+
+/** The QEMU launch spec for `rec` with resolved `ports`. */
+export function qemuSpec(
+  rec: CapsuleRecord,
+  image: ImageManifest,
+  paths: CapsulePaths,
+  host: LaunchHost,
+  ports: PortMapping[],
+  incoming: boolean,
+): QemuLaunchSpec {
+  return {
+    capsuleId: rec.id,
+    accelerator: host.accelerator,
+    cpuModel: host.cpuModel,
+    memoryMib: rec.spec.memoryMib,
+    vcpus: rec.spec.vcpus,
+    kernelPath: host.kernelPath,
+    initrdPath: host.initrdPath,
+    cmdline: [image.cmdline, host.hostCmdline].filter((s) => s !== "").join(" "),
+    acpi: image.acpi,
+    macAddress: macForCapsule(rec.id),
+    forwards: ports.map((p) => ({
+      protocol: p.protocol,
+      hostAddress: host.hostAddress,
+      hostPort: p.hostPort,
+      guestPort: p.guestPort,
+    })),
+    qmpSocket: paths.qmpSocket,
+    osSocket: paths.osSocket,
+    consoleLog: paths.console,
+    launchConfig: paths.launchConfig,
+    pidFile: paths.pidFile,
+    incoming,
+    tcgTbSizeMib: host.tcgTbSizeMib,
+  };
+}

@@ -1,0 +1,525 @@
+/**
+ * CapsuleManager: the capsule lifecycle. Every operation takes the capsule's lock,
+ * checks the state machine, does the work through vmm/ and osserver/, persists the new
+ * record atomically and publishes an event. gRPC handlers call these methods and nothing
+ * else; this file knows nothing about protobuf on the wire.
+ */
+import type { Config } from "../config/schema.ts";
+import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../errors.ts";
+import type { ImageStore } from "../image/store.ts";
+import type { ImageManifest } from "../image/manifest.ts";
+import type { Logger } from "../log.ts";
+import { portKey, resolvePorts } from "../net/usermode.ts";
+import { GuestChannel } from "../osserver/channel.ts";
+import { atomicWrite } from "../state/atomic.ts";
+import type { AccelChoice } from "../vmm/accel.ts";
+import type { QemuMemory } from "../vmm/process.ts";
+import { QemuVm } from "../vmm/vm.ts";
+import { checkFits, type MemoryBudget } from "./capacity.ts";
+import { streamConsole } from "./console.ts";
+import type { CapsuleEvent, EventBus } from "./events.ts";
+import { encodeLaunchConfig, type LaunchHost, qemuSpec } from "./launch.ts";
+import { KeyedMutex } from "./lock.ts";
+import { assertTransition, type CapsuleStateName, QEMU_STATES, requireState } from "./states.ts";
+import type { CapsuleStore } from "./store.ts";
+import type { CapsuleRecord, CapsuleSpec } from "./types.ts";
+
+/** A capsule plus live figures, as returned to callers. */
+export interface CapsuleView {
+  record: CapsuleRecord;
+  memory?: QemuMemory;
+}
+
+/** Everything the manager is built from. */
+export interface ManagerDeps {
+  config: Config;
+  log: Logger;
+  store: CapsuleStore;
+  images: ImageStore;
+  bus: EventBus;
+  accel: AccelChoice;
+  budget: MemoryBudget;
+  /** Resolves an image's kernel, initrd and host kernel arguments. */
+  bootFiles(image: ImageManifest): Promise<{ kernelPath: string; initrdPath: string; hostCmdline: string }>;
+}
+
+/** Spec as requested, before image defaults are applied. */
+export type CapsuleSpecInput = Omit<CapsuleSpec, "memoryMib" | "vcpus"> & { memoryMib: number; vcpus: number };
+
+const SAVE_TIMEOUT_MS = 120_000;
+const RESTORE_TIMEOUT_MS = 120_000;
+const KILL_WAIT_MS = 5_000;
+
+/** Owns all capsules of this agent. */
+export class CapsuleManager {
+  #records = new Map<string, CapsuleRecord>();
+  #vms = new Map<string, QemuVm>();
+  #channels = new Map<string, GuestChannel>();
+  #exitCodes = new Map<string, number>();
+  #lock = new KeyedMutex();
+  #log: Logger;
+
+  constructor(private deps: ManagerDeps) {
+    this.#log = deps.log.with({ component: "capsule" });
+  }
+
+  /** Loads records and re-adopts or settles every capsule (see reconcile()). */
+  async open(): Promise<void> {
+    for (const rec of await this.deps.store.loadAll()) this.#records.set(rec.id, rec);
+    for (const rec of [...this.#records.values()]) {
+      await this.#lock.run(rec.id, () => this.#reconcile(rec));
+    }
+  }
+
+  /** Detaches from every QEMU (they keep running) and closes guest channels. */
+  close(): void {
+    for (const ch of this.#channels.values()) ch.close();
+    for (const vm of this.#vms.values()) vm.detach();
+    this.#channels.clear();
+    this.#vms.clear();
+  }
+
+  /** Guest RAM of capsules that hold memory now. */
+  committedMib(exceptId?: string): number {
+    let sum = 0;
+    for (const r of this.#records.values()) if (r.id !== exceptId && QEMU_STATES.has(r.state)) sum += r.spec.memoryMib;
+    return sum;
+  }
+
+  /** Number of capsules. */
+  get count(): number {
+    return this.#records.size;
+  }
+
+  /** Ids of capsules built from image `imageId`. */
+  usersOfImage(imageId: string): string[] {
+    return [...this.#records.values()].filter((r) => r.imageId === imageId).map((r) => r.name);
+  }
+
+  /** All capsules, oldest first. */
+  list(): CapsuleRecord[] {
+    return [...this.#records.values()];
+  }
+
+  /** Finds a capsule by id or name. */
+  resolve(ref: string): CapsuleRecord {
+    const rec = this.#records.get(ref) ?? [...this.#records.values()].find((r) => r.name === ref);
+    if (!rec) throw new NotFoundError("capsule", ref);
+    return rec;
+  }
+
+  /** A capsule with live memory figures. */
+  view(rec: CapsuleRecord): CapsuleView {
+    return { record: rec, memory: this.#vms.get(rec.id)?.memory() };
+  }
+
+  /** Creates a capsule (not started). */
+  async create(name: string, input: CapsuleSpecInput): Promise<CapsuleView> {
+    if ([...this.#records.values()].some((r) => r.name === name)) throw new AlreadyExistsError("capsule", name);
+    const image = await this.deps.images.get(input.image);
+    const spec: CapsuleSpec = {
+      ...input,
+      memoryMib: input.memoryMib || image.manifest.defaultMemoryMib,
+      vcpus: input.vcpus || 1,
+    };
+    if (spec.memoryMib < 16) throw new InvalidArgumentError("spec.memory_mib", "at least 16 MiB");
+    checkFits(this.deps.budget, 0, spec.memoryMib, "spec.memory_mib");
+    this.#checkFixedPorts(spec, undefined);
+    const now = new Date().toISOString();
+    const rec: CapsuleRecord = {
+      id: `c-${crypto.randomUUID().replaceAll("-", "").slice(0, 12)}`,
+      name,
+      imageId: image.id,
+      spec,
+      state: "created",
+      stateReason: "created",
+      createdAt: now,
+      updatedAt: now,
+    };
+    return await this.#lock.run(rec.id, async () => {
+      // Re-check under the lock: two creates with one name may race.
+      if ([...this.#records.values()].some((r) => r.name === name)) throw new AlreadyExistsError("capsule", name);
+      this.#records.set(rec.id, rec);
+      try {
+        await this.deps.store.create(rec);
+      } catch (err) {
+        this.#records.delete(rec.id);
+        throw err;
+      }
+      this.#publish(rec, "created", undefined, "created");
+      this.#log.info("capsule created", { capsule: rec.id, name, image: image.name, memoryMib: spec.memoryMib });
+      return this.view(rec);
+    });
+  }
+
+  /** Boots a created or stopped capsule. */
+  start(ref: string): Promise<CapsuleView> {
+    return this.#withCapsule(ref, async (rec) => {
+      requireState(rec.name, rec.state, "start", ["created", "stopped"]);
+      checkFits(this.deps.budget, this.committedMib(rec.id), rec.spec.memoryMib, `capsule "${rec.name}"`);
+      const manifest = await this.deps.images.manifestById(rec.imageId);
+      const ports = this.#resolvePorts(rec);
+      const paths = this.deps.store.paths(rec.id);
+      await atomicWrite(paths.launchConfig, encodeLaunchConfig(rec, manifest));
+      await this.#setState(rec, "starting", "starting qemu");
+      let vm: QemuVm;
+      try {
+        vm = await QemuVm.launch(
+          this.deps.config.qemu_binary,
+          qemuSpec(rec, manifest, paths, await this.#host(manifest), ports, false),
+          this.#log.with({ capsule: rec.id }),
+        );
+      } catch (err) {
+        await this.#setState(rec, "stopped", `start failed: ${(err as Error).message}`);
+        throw err;
+      }
+      rec.exitCode = undefined;
+      this.#attach(rec, vm, ports);
+      await this.#setState(rec, "running", "started");
+      return this.view(rec);
+    });
+  }
+
+  /** Asks the guest to power off; kills QEMU after `graceMs`. */
+  stop(ref: string, graceMs = 0): Promise<CapsuleView> {
+    return this.#withCapsule(ref, async (rec) => {
+      requireState(rec.name, rec.state, "stop", ["running", "paused"]);
+      await this.#stopLocked(rec, graceMs || this.deps.config.stop_grace_ms);
+      return this.view(rec);
+    });
+  }
+
+  /** Deletes a capsule that is not running. */
+  delete(ref: string): Promise<void> {
+    return this.#withCapsule(ref, async (rec) => {
+      requireState(rec.name, rec.state, "delete", ["created", "stopped", "saved"]);
+      await this.deps.store.remove(rec.id);
+      this.#records.delete(rec.id);
+      this.#exitCodes.delete(rec.id);
+      this.#publish(rec, "deleted", rec.state, "deleted");
+      this.#log.info("capsule deleted", { capsule: rec.id, name: rec.name });
+    });
+  }
+
+  /** Stops the guest's vCPUs. */
+  pause(ref: string): Promise<CapsuleView> {
+    return this.#withCapsule(ref, async (rec) => {
+      requireState(rec.name, rec.state, "pause", ["running"]);
+      await this.#vm(rec).pause();
+      await this.#setState(rec, "paused", "paused by request");
+      return this.view(rec);
+    });
+  }
+
+  /** Resumes a paused guest. */
+  resume(ref: string): Promise<CapsuleView> {
+    return this.#withCapsule(ref, async (rec) => {
+      requireState(rec.name, rec.state, "resume", ["paused"]);
+      await this.#vm(rec).resume();
+      await this.#setState(rec, "running", "resumed by request");
+      return this.view(rec);
+    });
+  }
+
+  /** Suspends the guest to its state file; QEMU exits. */
+  save(ref: string): Promise<{ view: CapsuleView; stateBytes: number }> {
+    return this.#withCapsule(ref, async (rec) => {
+      requireState(rec.name, rec.state, "save", ["running", "paused"]);
+      const vm = this.#vm(rec);
+      const from = rec.state as "running" | "paused";
+      const paths = this.deps.store.paths(rec.id);
+      const tmp = `${paths.stateFile}.partial`;
+      rec.savedFrom = from;
+      await this.#setState(rec, "saving", "saving state");
+      try {
+        if (from === "running") await vm.pause();
+        await vm.saveTo(tmp, SAVE_TIMEOUT_MS);
+        const f = await Deno.open(tmp, { read: true, write: true });
+        await f.sync();
+        f.close();
+        await Deno.rename(tmp, paths.stateFile);
+      } catch (err) {
+        await Deno.remove(tmp).catch(() => {});
+        if (from === "running") await vm.resume().catch(() => {});
+        await this.#setState(rec, from, `save failed: ${(err as Error).message}`);
+        throw err;
+      }
+      const stateBytes = (await Deno.stat(paths.stateFile)).size;
+      await this.#detachVm(rec, vm);
+      await this.#setState(rec, "saved", `saved ${stateBytes} bytes`);
+      return { view: this.view(rec), stateBytes };
+    });
+  }
+
+  /** Restores a saved capsule from its state file; the guest continues where it was. */
+  restore(ref: string): Promise<CapsuleView> {
+    return this.#withCapsule(ref, async (rec) => {
+      requireState(rec.name, rec.state, "restore", ["saved"]);
+      checkFits(this.deps.budget, this.committedMib(rec.id), rec.spec.memoryMib, `capsule "${rec.name}"`);
+      const manifest = await this.deps.images.manifestById(rec.imageId);
+      const paths = this.deps.store.paths(rec.id);
+      const ports = this.#resolvePorts(rec);
+      await this.#setState(rec, "restoring", "restoring state");
+      let vm: QemuVm | undefined;
+      try {
+        vm = await QemuVm.launch(
+          this.deps.config.qemu_binary,
+          qemuSpec(rec, manifest, paths, await this.#host(manifest), ports, true),
+          this.#log.with({ capsule: rec.id }),
+        );
+        await vm.loadFrom(paths.stateFile, RESTORE_TIMEOUT_MS);
+        if (rec.savedFrom !== "paused") await vm.resume();
+      } catch (err) {
+        if (vm) {
+          vm.kill();
+          vm.detach();
+        }
+        await this.#setState(rec, "saved", `restore failed: ${(err as Error).message}`);
+        throw err;
+      }
+      this.#attach(rec, vm, ports);
+      await Deno.remove(paths.stateFile).catch(() => {});
+      await this.#setState(rec, rec.savedFrom === "paused" ? "paused" : "running", "restored");
+      return this.view(rec);
+    });
+  }
+
+  /** Console bytes of a capsule (see streamConsole). */
+  console(ref: string, fromStart: boolean, follow: boolean, signal: AbortSignal): AsyncGenerator<Uint8Array> {
+    const rec = this.resolve(ref);
+    return streamConsole(this.deps.store.paths(rec.id).console, {
+      fromStart,
+      follow,
+      signal,
+      stillExists: () => this.#records.has(rec.id),
+    });
+  }
+
+  /** Events, optionally of one capsule only. */
+  async *events(ref: string, signal: AbortSignal): AsyncGenerator<CapsuleEvent> {
+    const id = ref ? this.resolve(ref).id : undefined;
+    for await (const e of this.deps.bus.stream(signal)) if (!id || e.capsuleId === id) yield e;
+  }
+
+  // --- internals -------------------------------------------------------------------------
+
+  #withCapsule<T>(ref: string, fn: (rec: CapsuleRecord) => Promise<T>): Promise<T> {
+    const id = this.resolve(ref).id;
+    return this.#lock.run(id, () => fn(this.resolve(id)));
+  }
+
+  #vm(rec: CapsuleRecord): QemuVm {
+    const vm = this.#vms.get(rec.id);
+    if (!vm) throw new FailedPreconditionError(`capsule "${rec.name}" has no running qemu`);
+    return vm;
+  }
+
+  async #host(manifest: ImageManifest): Promise<LaunchHost> {
+    const boot = await this.deps.bootFiles(manifest);
+    return {
+      accelerator: this.deps.accel.accelerator,
+      cpuModel: this.deps.config.cpu_model,
+      hostAddress: this.deps.config.network.host_address,
+      tcgTbSizeMib: this.deps.config.tcg_tb_size_mib,
+      ...boot,
+    };
+  }
+
+  #heldPorts(exceptId: string): Set<string> {
+    const held = new Set<string>();
+    for (const r of this.#records.values()) {
+      if (r.id === exceptId || !QEMU_STATES.has(r.state)) continue;
+      for (const p of r.runtime?.ports ?? []) held.add(portKey(p.hostPort, p.protocol));
+    }
+    return held;
+  }
+
+  #resolvePorts(rec: CapsuleRecord) {
+    const net = this.deps.config.network;
+    return resolvePorts(rec.spec.ports, this.#heldPorts(rec.id), net.host_address, net.port_range);
+  }
+
+  // Fixed host ports may not be promised to two capsules.
+  #checkFixedPorts(spec: CapsuleSpec, exceptId: string | undefined): void {
+    const mine = new Map(spec.ports.map((p, i) => [portKey(p.hostPort, p.protocol), i]));
+    for (const [k, i] of mine) {
+      if (k.startsWith("0/")) continue;
+      if ([...mine.entries()].some(([k2, j]) => k2 === k && j !== i)) {
+        throw new InvalidArgumentError(`spec.ports[${i}].host_port`, `${k} listed twice`);
+      }
+    }
+    for (const r of this.#records.values()) {
+      if (r.id === exceptId) continue;
+      for (const p of r.spec.ports) {
+        const i = mine.get(portKey(p.hostPort, p.protocol));
+        if (p.hostPort !== 0 && i !== undefined) {
+          throw new FailedPreconditionError(
+            `spec.ports[${i}].host_port: ${p.hostPort}/${p.protocol} is promised to capsule "${r.name}"`,
+          );
+        }
+      }
+    }
+  }
+
+  #attach(rec: CapsuleRecord, vm: QemuVm, ports: CapsuleRecord["spec"]["ports"]): void {
+    this.#vms.set(rec.id, vm);
+    rec.runtime = {
+      pid: vm.ident.pid,
+      startTicks: vm.ident.startTicks,
+      accelerator: this.deps.accel.accelerator,
+      ports,
+      hostAddress: this.deps.config.network.host_address,
+    };
+    void this.#connectChannel(rec, vm);
+    void vm.exited.then((exit) =>
+      this.#lock.run(rec.id, async () => {
+        if (this.#vms.get(rec.id) !== vm || exit.reason === "detached") return; // an operation already handled it
+        this.#forget(rec.id);
+        const code = this.#exitCodes.get(rec.id);
+        rec.exitCode = code;
+        const why = code === undefined ? exit.reason : `app exited with code ${code}; ${exit.reason}`;
+        this.#log.info("capsule's qemu exited", { capsule: rec.id, reason: why });
+        await this.#setState(rec, "stopped", why);
+      })
+    ).catch((err) => this.#log.error("exit handling failed", { capsule: rec.id, error: err }));
+  }
+
+  // Connects to the guest channel, reconnecting while this QEMU lives.
+  async #connectChannel(rec: CapsuleRecord, vm: QemuVm): Promise<void> {
+    const path = this.deps.store.paths(rec.id).osSocket;
+    const log = this.#log.with({ capsule: rec.id, component: "osserver" });
+    while (this.#vms.get(rec.id) === vm) {
+      try {
+        const ch = await GuestChannel.connect(path, log, {
+          onExited: (code, signal) => this.#exitCodes.set(rec.id, signal ? 128 + signal : code),
+        });
+        this.#channels.set(rec.id, ch);
+        await ch.done;
+        if (this.#channels.get(rec.id) === ch) this.#channels.delete(rec.id);
+      } catch (err) {
+        log.debug("os channel connect failed; retrying", { error: err });
+      }
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+
+  #forget(id: string): void {
+    this.#vms.delete(id);
+    this.#channels.get(id)?.close();
+    this.#channels.delete(id);
+  }
+
+  // Ends a QEMU the manager is done with (after save): quit, then kill if it lingers.
+  async #detachVm(rec: CapsuleRecord, vm: QemuVm): Promise<void> {
+    this.#forget(rec.id);
+    await vm.quit();
+    const t = setTimeout(() => vm.kill(), KILL_WAIT_MS);
+    await vm.exited;
+    clearTimeout(t);
+    rec.runtime = undefined;
+  }
+
+  async #stopLocked(rec: CapsuleRecord, graceMs: number): Promise<void> {
+    const vm = this.#vm(rec);
+    const wasPaused = rec.state === "paused";
+    await this.#setState(rec, "stopping", `stopping (grace ${graceMs} ms)`);
+    const ch = this.#channels.get(rec.id);
+    let how = "guest powered off";
+    if (wasPaused) await vm.resume().catch(() => {}); // a paused guest cannot act on the request
+    if (ch) ch.requestShutdown(graceMs);
+    else await vm.qmp.execute("system_powerdown").catch(() => {});
+    // Give the guest the grace period plus time to power off after its app exits.
+    const exited = await Promise.race([
+      vm.exited.then(() => true),
+      new Promise<false>((r) => setTimeout(() => r(false), graceMs + 2_000)),
+    ]);
+    if (!exited) {
+      how = `guest did not power off within ${graceMs} ms; killed`;
+      await vm.quit();
+      const t = setTimeout(() => vm.kill(), KILL_WAIT_MS);
+      await vm.exited;
+      clearTimeout(t);
+    }
+    this.#forget(rec.id);
+    rec.runtime = undefined;
+    const code = this.#exitCodes.get(rec.id);
+    rec.exitCode = code;
+    await this.#setState(rec, "stopped", code === undefined ? how : `${how}; app exited with code ${code}`);
+  }
+
+  async #setState(rec: CapsuleRecord, to: CapsuleStateName, reason: string): Promise<void> {
+    const from = rec.state;
+    if (from !== to) assertTransition(rec.name, from, to);
+    rec.state = to;
+    rec.stateReason = reason;
+    rec.updatedAt = new Date().toISOString();
+    if (!QEMU_STATES.has(to)) rec.runtime = undefined;
+    await this.deps.store.save(rec);
+    this.#publish(rec, "state_changed", from, reason);
+  }
+
+  #publish(rec: CapsuleRecord, type: CapsuleEvent["type"], prev: CapsuleStateName | undefined, msg: string): void {
+    this.deps.bus.publish({
+      type,
+      capsuleId: rec.id,
+      capsuleName: rec.name,
+      state: rec.state,
+      previousState: prev,
+      message: msg,
+    });
+  }
+
+  // Settles one capsule after an agent (re)start: adopt its QEMU if it lives, else mark it.
+  async #reconcile(rec: CapsuleRecord): Promise<void> {
+    const log = this.#log.with({ capsule: rec.id });
+    if (!QEMU_STATES.has(rec.state)) return;
+    let vm: QemuVm | undefined;
+    if (rec.runtime) {
+      try {
+        vm = await QemuVm.adopt(rec.id, rec.runtime, this.deps.store.paths(rec.id).qmpSocket, log);
+      } catch (err) {
+        log.info("qemu not adoptable", { error: (err as Error).message });
+      }
+    }
+    if (!vm) {
+      const settled = rec.state === "restoring" ? "saved" : "stopped";
+      const why = rec.state === "restoring"
+        ? "restore interrupted: agent restarted; state file kept"
+        : `qemu exited while the agent was down (was ${rec.state})`;
+      await this.#setState(rec, settled, why);
+      return;
+    }
+    const status = await vm.status();
+    const ports = rec.runtime!.ports;
+    if (rec.state === "restoring" && status === "inmigrate") {
+      vm.kill();
+      vm.detach();
+      await this.#setState(rec, "saved", "restore interrupted: agent restarted; state file kept");
+      return;
+    }
+    if (rec.state === "saving" && rec.savedFrom === "running" && status !== "running") {
+      await vm.resume().catch(() => {}); // save interrupted: the guest carries on
+    }
+    this.#attach(rec, vm, ports);
+    const now = await vm.status();
+    const to: CapsuleStateName = now === "running" ? "running" : "paused";
+    log.info("re-adopted running qemu", { pid: vm.ident.pid, status: now });
+    if (rec.state === "stopping") {
+      await this.#forceState(rec, "running", "re-adopted after agent restart");
+      await this.#stopLocked(rec, this.deps.config.stop_grace_ms);
+      return;
+    }
+    await this.#forceState(rec, to, rec.state === to ? rec.stateReason : "re-adopted after agent restart");
+  }
+
+  // Reconciliation may need moves the normal table forbids (e.g. saving → running after a crash).
+  async #forceState(rec: CapsuleRecord, to: CapsuleStateName, reason: string): Promise<void> {
+    if (rec.state === to) return;
+    const from = rec.state;
+    rec.state = to;
+    rec.stateReason = reason;
+    rec.updatedAt = new Date().toISOString();
+    await this.deps.store.save(rec);
+    this.#publish(rec, "state_changed", from, reason);
+  }
+}

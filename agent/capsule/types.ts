@@ -1,0 +1,52 @@
+/**
+ * Plain domain types of a capsule. The wire types live in agent/gen and are converted
+ * in agent/api/convert.ts; nothing here knows about protobuf.
+ */
+import type { CapsuleStateName } from "./states.ts";
+
+export type Protocol = "tcp" | "udp";
+
+/** A guest port exposed on the instance; hostPort 0 = pick one at start. */
+export interface PortMapping {
+  guestPort: number;
+  hostPort: number;
+  protocol: Protocol;
+}
+
+/** What the user asked for, with image defaults already applied. */
+export interface CapsuleSpec {
+  image: string;
+  memoryMib: number;
+  vcpus: number;
+  args: string[];
+  env: Record<string, string>;
+  labels: Record<string, string>;
+  ports: PortMapping[];
+}
+
+/** Facts about the QEMU process currently running the capsule. */
+export interface VmRuntime {
+  pid: number;
+  /** Process start time (clock ticks since boot, /proc/PID/stat field 22): guards against pid reuse. */
+  startTicks: number;
+  accelerator: "kvm" | "tcg";
+  /** Ports with resolved host ports. */
+  ports: PortMapping[];
+  hostAddress: string;
+}
+
+/** The persisted record of a capsule (capsules/<id>/capsule.json). */
+export interface CapsuleRecord {
+  id: string;
+  name: string;
+  imageId: string;
+  spec: CapsuleSpec;
+  state: CapsuleStateName;
+  stateReason: string;
+  createdAt: string;
+  updatedAt: string;
+  runtime?: VmRuntime;
+  exitCode?: number;
+  /** Run state at the moment of the last save, restored with it. */
+  savedFrom?: "running" | "paused";
+}

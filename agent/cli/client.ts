@@ -1,0 +1,74 @@
+/**
+ * Typed, promise-based clients for the agent's API, shared by the CLI, the demo, tests
+ * and benchmarks.
+ */
+import * as grpc from "@grpc/grpc-js";
+import { AgentServiceClient } from "../gen/flexcap/v1/agent.ts";
+import { CapsuleServiceClient } from "../gen/flexcap/v1/capsule.ts";
+import { ImageServiceClient } from "../gen/flexcap/v1/image.ts";
+
+/** Default local API address. */
+export const DEFAULT_API = "unix:/run/flexcap/flexcapd.sock";
+
+type Unary<Req, Res> = (req: Req, cb: (err: grpc.ServiceError | null, res: Res) => void) => grpc.ClientUnaryCall;
+type Promisified<C> = {
+  [K in keyof C]: C[K] extends (req: infer Req, cb: (err: grpc.ServiceError | null, res: infer Res) => void) => grpc.ClientUnaryCall
+    ? (req: Req) => Promise<Res>
+    : C[K];
+};
+
+// Server-streaming methods return their stream; every other method is unary.
+const STREAMING = new Set(["watchEvents", "streamConsole"]);
+
+function promisify<C extends grpc.Client>(client: C): Promisified<C> {
+  return new Proxy(client, {
+    get(target, prop, receiver) {
+      const v = Reflect.get(target, prop, receiver);
+      if (typeof v !== "function" || typeof prop !== "string" || !/^[a-z]/.test(prop) || prop in grpc.Client.prototype) {
+        return typeof v === "function" ? v.bind(target) : v;
+      }
+      return (req: unknown) => {
+        if (STREAMING.has(prop)) return v.call(target, req);
+        return new Promise((resolve, reject) =>
+          (v as Unary<unknown, unknown>).call(target, req, (err, res) => (err ? reject(err) : resolve(res)))
+        );
+      };
+    },
+  }) as unknown as Promisified<C>;
+}
+
+/** All three service clients on one channel. */
+export interface FlexcapClient {
+  capsules: Promisified<CapsuleServiceClient>;
+  images: Promisified<ImageServiceClient>;
+  agent: Promisified<AgentServiceClient>;
+  raw: { capsules: CapsuleServiceClient };
+  close(): void;
+}
+
+/** Connects to `api` ("unix:/path" or "tcp:host:port" with TLS files). */
+export function connect(api = DEFAULT_API, tls?: { ca?: string; cert?: string; key?: string }): FlexcapClient {
+  const target = api.startsWith("tcp:") ? api.slice(4) : api;
+  const creds = api.startsWith("tcp:")
+    ? grpc.credentials.createSsl(
+      tls?.ca ? Deno.readFileSync(tls.ca) as unknown as Buffer : null,
+      tls?.key ? Deno.readFileSync(tls.key) as unknown as Buffer : null,
+      tls?.cert ? Deno.readFileSync(tls.cert) as unknown as Buffer : null,
+    )
+    : grpc.credentials.createInsecure();
+  const opts = { "grpc.max_receive_message_length": 16 * 1024 * 1024 };
+  const capsules = new CapsuleServiceClient(target, creds, opts);
+  const images = new ImageServiceClient(target, creds, opts);
+  const agent = new AgentServiceClient(target, creds, opts);
+  return {
+    capsules: promisify(capsules),
+    images: promisify(images),
+    agent: promisify(agent),
+    raw: { capsules },
+    close() {
+      capsules.close();
+      images.close();
+      agent.close();
+    },
+  };
+}

@@ -1,0 +1,77 @@
+/**
+ * flexcapd: the per-instance agent.
+ *
+ *   flexcapd serve [--config FILE] [--state-dir DIR] [--api unix:PATH|tcp:HOST:PORT]
+ *                  [--tls-cert F --tls-key F [--tls-ca F]] [--accel auto|kvm|tcg] [--log-level L]
+ *   flexcapd version
+ */
+import { parseArgs } from "node:util";
+import { loadConfig } from "../config/load.ts";
+import { startAgent } from "../agent.ts";
+import { FlexError } from "../errors.ts";
+import { logger } from "../log.ts";
+import { VERSION } from "../version.ts";
+
+const USAGE = `usage: flexcapd serve [--config FILE] [--state-dir DIR] [--api unix:PATH|tcp:HOST:PORT]
+                     [--tls-cert FILE --tls-key FILE [--tls-ca FILE]] [--accel auto|kvm|tcg]
+                     [--log-level debug|info|warn|error]
+       flexcapd version`;
+
+async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      config: { type: "string" },
+      "state-dir": { type: "string" },
+      api: { type: "string" },
+      "tls-cert": { type: "string" },
+      "tls-key": { type: "string" },
+      "tls-ca": { type: "string" },
+      accel: { type: "string" },
+      "log-level": { type: "string" },
+      help: { type: "boolean", short: "h" },
+    },
+  });
+  const cmd = positionals[0];
+  if (values.help || !cmd) {
+    console.log(USAGE);
+    return cmd || values.help ? 0 : 2;
+  }
+  if (cmd === "version") {
+    console.log(`flexcapd ${VERSION}`);
+    return 0;
+  }
+  if (cmd !== "serve") {
+    console.error(`flexcapd: unknown command "${cmd}"\n${USAGE}`);
+    return 2;
+  }
+  const tls = values["tls-cert"] || values["tls-key"]
+    ? { cert: values["tls-cert"], key: values["tls-key"], ca: values["tls-ca"] }
+    : undefined;
+  const config = await loadConfig(values.config, {
+    state_dir: values["state-dir"],
+    api: values.api,
+    tls,
+    accelerator: values.accel,
+    log_level: values["log-level"],
+  });
+  const log = logger({ component: "flexcapd" });
+  const agent = await startAgent(config, log);
+  const stop = async (sig: string) => {
+    log.info("signal received; shutting down", { signal: sig });
+    await agent.stop();
+    Deno.exit(0);
+  };
+  Deno.addSignalListener("SIGTERM", () => void stop("SIGTERM"));
+  Deno.addSignalListener("SIGINT", () => void stop("SIGINT"));
+  return await new Promise<number>(() => {}); // serve until a signal
+}
+
+try {
+  Deno.exit(await main(Deno.args));
+} catch (err) {
+  const msg = err instanceof FlexError || err instanceof TypeError ? err.message : String(err);
+  console.error(`flexcapd: ${msg}`);
+  Deno.exit(1);
+}

@@ -1,0 +1,51 @@
+/**
+ * The agent's configuration: one zod schema for the config file and the flags that
+ * override it. Keys are snake_case in the file; defaults are explained where set.
+ */
+import { z } from "zod";
+
+/** `unix:/path` or `tcp:host:port`. */
+const apiAddress = z.string().regex(/^(unix:\/.+|tcp:[^:]+:\d{1,5})$/, {
+  message: 'expected "unix:/abs/path" or "tcp:HOST:PORT"',
+});
+
+export const ConfigSchema = z.strictObject({
+  // Everything the agent persists lives here (specs, states, images, sockets).
+  // No ',' or quotes: paths end up inside QEMU option strings.
+  state_dir: z.string().regex(/^\/[^,'"\\]*$/, { message: "expected an absolute path without , ' \" or \\" })
+    .default("/var/lib/flexcap"),
+  // Root-only unix socket by default: the local API is as powerful as root.
+  api: apiAddress.default("unix:/run/flexcap/flexcapd.sock"),
+  // Mode of the API unix socket.
+  api_socket_mode: z.number().int().min(0).max(0o777).default(0o600),
+  // Required for tcp: listeners; ca makes the server demand client certificates.
+  tls: z.strictObject({ cert: z.string(), key: z.string(), ca: z.string().optional() }).optional(),
+  // auto: KVM only where hardware virtualisation is usable, else TCG.
+  accelerator: z.enum(["auto", "kvm", "tcg"]).default("auto"),
+  // One named CPU model for the whole cluster so capsules can migrate between instance types.
+  cpu_model: z.string().regex(/^[A-Za-z0-9_.,=+-]+$/).default("Westmere"),
+  qemu_binary: z.string().default("qemu-system-x86_64"),
+  // TCG translation cache per capsule; QEMU's 1 GiB default lets RSS balloon for tiny guests.
+  tcg_tb_size_mib: z.number().int().min(1).max(2048).default(64),
+  memory: z.strictObject({
+    // 1.0: never promise capsules more guest RAM than the instance has.
+    overcommit_ratio: z.number().positive().max(16).default(1.0),
+    // Left for the host, the agent and QEMU's own overhead.
+    reserve_mib: z.number().int().min(0).default(512),
+  }).default({ overcommit_ratio: 1.0, reserve_mib: 512 }),
+  network: z.strictObject({
+    backend: z.enum(["usermode"]).default("usermode"),
+    // Forwards bind here; loopback keeps capsules private until the network issue lands.
+    host_address: z.string().default("127.0.0.1"),
+    // Range for host_port 0 ("auto").
+    port_range: z.tuple([z.number().int().min(1024).max(65535), z.number().int().min(1024).max(65535)])
+      .default([20000, 29999]),
+  }).default({ backend: "usermode", host_address: "127.0.0.1", port_range: [20000, 29999] }),
+  // How long a guest gets to power off before QEMU is killed.
+  stop_grace_ms: z.number().int().min(0).max(600_000).default(10_000),
+  // Where downloaded kernels are cached (outside the state dir: shared, re-creatable).
+  cache_dir: z.string().startsWith("/").default("/var/cache/flexcap"),
+  log_level: z.enum(["debug", "info", "warn", "error"]).default("info"),
+});
+
+export type Config = z.infer<typeof ConfigSchema>;

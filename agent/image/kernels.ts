@@ -1,0 +1,127 @@
+/**
+ * Guest kernels. "linux-vm" is Debian's stock cloud kernel, fetched with apt (the only
+ * source these machines reach) and cached by package version outside the state dir. Its
+ * virtio drivers are modules; capsule-init loads them from /lib/modules/flexcap in order.
+ */
+import { execa } from "execa";
+import { join } from "node:path";
+import { UnavailableError } from "../errors.ts";
+import type { Logger } from "../log.ts";
+
+/** A kernel ready to pack: vmlinuz plus the modules the guest must load, in order. */
+export interface KernelFiles {
+  vmlinuz: string;
+  /** Host paths of uncompressed .ko files, in load order. */
+  modules: string[];
+  /** Kernel arguments this kernel always needs. */
+  cmdline: string;
+  acpi: boolean;
+  /** Smallest RAM it boots and serves HTTP in (measured), plus headroom. */
+  defaultMemoryMib: number;
+}
+
+const META_PACKAGE = "linux-image-cloud-amd64";
+
+// Dependency order from the package's modules.dep: transport, then net (failover first), then console.
+// virtio_mmio matches the LNRO0005 devices microvm describes in ACPI.
+const LINUX_VM_MODULES = [
+  "kernel/drivers/virtio/virtio_ring.ko",
+  "kernel/drivers/virtio/virtio.ko",
+  "kernel/drivers/virtio/virtio_mmio.ko",
+  "kernel/net/core/failover.ko",
+  "kernel/drivers/net/net_failover.ko",
+  "kernel/drivers/net/virtio_net.ko",
+  "kernel/drivers/char/virtio_console.ko",
+];
+
+async function sh(cmd: string, args: string[], cwd?: string): Promise<string> {
+  const r = await execa(cmd, args, { cwd, reject: false, stdin: "ignore" });
+  if (r.exitCode !== 0) {
+    throw new UnavailableError(`${cmd} ${args.join(" ")} failed: ${(r.stderr || r.stdout).trim().slice(-400)}`);
+  }
+  return r.stdout;
+}
+
+async function resolvePackage(): Promise<{ pkg: string; version: string }> {
+  const find = async () => {
+    const deps = await sh("apt-cache", ["depends", META_PACKAGE]).catch(() => "");
+    return /Depends: (linux-image-\S+)/.exec(deps)?.[1];
+  };
+  let pkg = await find();
+  if (!pkg) {
+    await sh("apt-get", ["update"]);
+    pkg = await find();
+  }
+  if (!pkg) throw new UnavailableError(`apt knows no package behind ${META_PACKAGE}`);
+  const policy = await sh("apt-cache", ["policy", pkg]);
+  const version = /Candidate: (\S+)/.exec(policy)?.[1];
+  if (!version || version === "(none)") throw new UnavailableError(`no candidate version of ${pkg}`);
+  return { pkg, version };
+}
+
+/** Ensures the Debian cloud kernel is unpacked under `cacheDir`; returns its files. */
+export async function ensureLinuxVmKernel(cacheDir: string, log: Logger): Promise<KernelFiles> {
+  const root = join(cacheDir, "kernels", "debian-cloud");
+  const existing = await findComplete(root);
+  const dest = existing ?? await fetchKernel(root, log);
+  const kver = (await readDirNames(join(dest, "lib", "modules")))[0];
+  const vmlinuz = join(dest, "boot", (await readDirNames(join(dest, "boot"))).find((n) => n.startsWith("vmlinuz-"))!);
+  return {
+    vmlinuz,
+    modules: LINUX_VM_MODULES.map((m) => join(dest, "lib", "modules", kver, m)),
+    // quiet keeps the console readable; panic=-1 + -no-reboot turns a guest panic into a QEMU exit.
+    cmdline: "console=ttyS0 quiet panic=-1 random.trust_cpu=on",
+    acpi: true,
+    // 71 MiB measured to boot and serve HTTP; the rest is room for the app.
+    defaultMemoryMib: 128,
+  };
+}
+
+async function readDirNames(dir: string): Promise<string[]> {
+  const names: string[] = [];
+  for await (const e of Deno.readDir(dir)) names.push(e.name);
+  return names.sort();
+}
+
+// Any completed unpack is reused: the agent never needs the network once a kernel is cached.
+async function findComplete(root: string): Promise<string | undefined> {
+  try {
+    for (const name of (await readDirNames(root)).reverse()) {
+      if (name.startsWith(".")) continue;
+      try {
+        await Deno.stat(join(root, name, ".complete"));
+        return join(root, name);
+      } catch { /* incomplete */ }
+    }
+  } catch { /* no cache yet */ }
+  return undefined;
+}
+
+async function fetchKernel(root: string, log: Logger): Promise<string> {
+  const { pkg, version } = await resolvePackage();
+  const dest = join(root, `${pkg}_${version}`);
+  await Deno.mkdir(root, { recursive: true });
+  const tmp = await Deno.makeTempDir({ dir: root, prefix: ".fetch-" });
+  try {
+    await Deno.chmod(tmp, 0o777); // apt drops to the _apt user for downloads
+    log.info("downloading guest kernel", { package: pkg, version });
+    await sh("apt-get", ["download", `${pkg}=${version}`], tmp);
+    const deb = (await readDirNames(tmp)).find((n) => n.endsWith(".deb"))!;
+    await sh("dpkg-deb", ["-x", join(tmp, deb), join(tmp, "root")]);
+    await Deno.writeTextFile(join(tmp, "root", ".complete"), `${pkg} ${version}\n`);
+    await Deno.remove(dest, { recursive: true }).catch(() => {});
+    await Deno.rename(join(tmp, "root"), dest);
+    log.info("guest kernel cached", { path: dest });
+    return dest;
+  } finally {
+    await Deno.remove(tmp, { recursive: true }).catch(() => {});
+  }
+}
+
+/** Host-specific kernel arguments: under TCG the Debian kernel may hang calibrating the TSC without this. */
+export function hostKernelArgs(accelerator: "kvm" | "tcg", cpuinfo?: string): string {
+  if (accelerator !== "tcg") return "";
+  const text = cpuinfo ?? Deno.readTextFileSync("/proc/cpuinfo");
+  const mhz = Number(/^cpu MHz\s*:\s*([\d.]+)/m.exec(text)?.[1] ?? 0);
+  return mhz > 0 ? `tsc_early_khz=${Math.round(mhz * 1000)}` : "";
+}

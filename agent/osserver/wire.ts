@@ -1,0 +1,13 @@
+/**
+ * Wire constants of the OS-server channel. They mirror capsule-os/include/flexcap_wire.h;
+ * test/agent/osserver/wire_test.ts checks the two agree.
+ */
+
+/** Version both sides must speak. */
+export const PROTOCOL_VERSION = 1;
+/** Largest frame payload either side accepts. */
+export const MAX_FRAME_BYTES = 65536;
+/** virtio-serial port name. */
+export const CHANNEL_PORT_NAME = "org.flexcap.os.0";
+/** fw_cfg file with the LaunchConfig. */
+export const LAUNCH_FW_CFG_NAME = "opt/org.flexcap/launch";
