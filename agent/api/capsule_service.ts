@@ -23,9 +23,11 @@ export function capsuleService(m: CapsuleManager, log: Logger): CapsuleServiceSe
   });
   const ref = (req: unknown) => validate(CapsuleRefSchema, req).capsule;
   return {
-    createCapsule: unary(log, "CreateCapsule", async (req) => {
+    createCapsule: unary(log, "CreateCapsule", (req) => {
       const { name, spec } = validate(CreateCapsuleSchema, req);
-      return one(m.create(name, { ...spec, ports: spec.ports.map((p) => ({ ...p, protocol: protocolFromPb(p.protocol) })) }));
+      return one(
+        m.create(name, { ...spec, ports: spec.ports.map((p) => ({ ...p, protocol: protocolFromPb(p.protocol) })) }),
+      );
     }),
     getCapsule: unary(log, "GetCapsule", (req) => one(m.view(m.resolve(ref(req))))),
     listCapsules: unary(log, "ListCapsules", (req) => {

@@ -2,11 +2,7 @@
  * Glue between grpc-js callbacks and async domain calls: every handler becomes
  * "validate, call one domain function, convert", with errors mapped in one place.
  */
-import type {
-  sendUnaryData,
-  ServerUnaryCall,
-  ServerWritableStream,
-} from "@grpc/grpc-js";
+import type { sendUnaryData, ServerUnaryCall, ServerWritableStream } from "@grpc/grpc-js";
 import type { Logger } from "../log.ts";
 import { logRpcError, toGrpcStatus } from "./status.ts";
 

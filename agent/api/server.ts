@@ -8,9 +8,9 @@ import { ReflectionService } from "@grpc/reflection";
 import { HealthImplementation } from "grpc-health-check";
 import { dirname } from "node:path";
 import { InvalidArgumentError, UnavailableError } from "../errors.ts";
-import { AgentServiceService, type AgentServiceServer } from "../gen/flexcap/v1/agent.ts";
-import { CapsuleServiceService, type CapsuleServiceServer } from "../gen/flexcap/v1/capsule.ts";
-import { ImageServiceService, type ImageServiceServer } from "../gen/flexcap/v1/image.ts";
+import { type AgentServiceServer, AgentServiceService } from "../gen/flexcap/v1/agent.ts";
+import { type CapsuleServiceServer, CapsuleServiceService } from "../gen/flexcap/v1/capsule.ts";
+import { type ImageServiceServer, ImageServiceService } from "../gen/flexcap/v1/image.ts";
 import { descriptorSetBase64 } from "../gen/descriptor_set.ts";
 
 /** What the server serves. */
@@ -68,7 +68,11 @@ export async function startServer(services: ServerServices, listen: ListenOption
   }
   // Umask-free: the socket is chmod'ed before we report ready, and its directory is root's.
   await new Promise<void>((resolve, reject) =>
-    server.bindAsync(target, creds, (err) => err ? reject(new UnavailableError(`cannot listen on ${target}: ${err.message}`)) : resolve())
+    server.bindAsync(
+      target,
+      creds,
+      (err) => err ? reject(new UnavailableError(`cannot listen on ${target}: ${err.message}`)) : resolve(),
+    )
   );
   if (listen.address.startsWith("unix:")) await Deno.chmod(target.slice(5), listen.socketMode);
   return {

@@ -64,11 +64,16 @@ export const BuildImageSchema = z.object({
 });
 export const ImageRefSchema = z.object({ image: ref });
 
+// Map fields: the segment after one of these is a user's key and stays as typed.
+const MAP_FIELDS = new Set(["env", "labels", "labelSelector"]);
+
 /** Turns camelCase zod paths into the proto's snake_case field names. */
 function fieldPath(path: PropertyKey[]): string {
-  return path.map((p) =>
-    typeof p === "number" ? `[${p}]` : String(p).replace(/[A-Z]/g, (c) => "_" + c.toLowerCase())
-  ).join(".").replace(/\.\[/g, "[") || "request";
+  return path.map((p, i) => {
+    if (typeof p === "number") return `[${p}]`;
+    if (i > 0 && MAP_FIELDS.has(String(path[i - 1]))) return `.${String(p)}`;
+    return `.${String(p).replace(/[A-Z]/g, (c) => "_" + c.toLowerCase())}`;
+  }).join("").replace(/^\./, "") || "request";
 }
 
 /** Parses `input` with `schema` or throws InvalidArgumentError naming the first bad field. */

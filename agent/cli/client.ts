@@ -12,8 +12,13 @@ export const DEFAULT_API = "unix:/run/flexcap/flexcapd.sock";
 
 type Unary<Req, Res> = (req: Req, cb: (err: grpc.ServiceError | null, res: Res) => void) => grpc.ClientUnaryCall;
 type Promisified<C> = {
-  [K in keyof C]: C[K] extends (req: infer Req, cb: (err: grpc.ServiceError | null, res: infer Res) => void) => grpc.ClientUnaryCall
-    ? (req: Req) => Promise<Res>
+  // Matched against the last overload ts-proto emits: (request, metadata, options, callback).
+  [K in keyof C]: C[K] extends (
+    req: infer Req,
+    md: grpc.Metadata,
+    o: Partial<grpc.CallOptions>,
+    cb: (err: grpc.ServiceError | null, res: infer Res) => void,
+  ) => grpc.ClientUnaryCall ? (req: Req) => Promise<Res>
     : C[K];
 };
 
@@ -24,7 +29,9 @@ function promisify<C extends grpc.Client>(client: C): Promisified<C> {
   return new Proxy(client, {
     get(target, prop, receiver) {
       const v = Reflect.get(target, prop, receiver);
-      if (typeof v !== "function" || typeof prop !== "string" || !/^[a-z]/.test(prop) || prop in grpc.Client.prototype) {
+      if (
+        typeof v !== "function" || typeof prop !== "string" || !/^[a-z]/.test(prop) || prop in grpc.Client.prototype
+      ) {
         return typeof v === "function" ? v.bind(target) : v;
       }
       return (req: unknown) => {

@@ -4,12 +4,7 @@
  * same calls always produce the same bytes. Calls are serialized internally, in call order.
  */
 
-import {
-  AlreadyExistsError,
-  FailedPreconditionError,
-  InvalidArgumentError,
-  NotFoundError,
-} from "../errors.ts";
+import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../errors.ts";
 
 /** Anything with Deno.FsFile's write(): may write fewer bytes than asked. */
 export interface CpioSink {
@@ -41,9 +36,7 @@ export class CpioWriter {
   addDirectory(path: string, mode = 0o755): Promise<void> {
     return this.#call(() => {
       const name = this.#prepare(path, mode, "dir");
-      return name === undefined
-        ? undefined
-        : () => this.#writeEntry(name, S_IFDIR | mode, 2, new Uint8Array());
+      return name === undefined ? undefined : () => this.#writeEntry(name, S_IFDIR | mode, 2, new Uint8Array());
     });
   }
 

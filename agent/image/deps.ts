@@ -37,9 +37,7 @@ export class MissingLibraryError extends FlexError {
   constructor(readonly library: string, readonly neededBy: string, readonly searched: string[]) {
     super(
       Code.FAILED_PRECONDITION,
-      `shared library "${library}" needed by ${neededBy} not found (searched: ${
-        searched.join(", ") || "none"
-      })`,
+      `shared library "${library}" needed by ${neededBy} not found (searched: ${searched.join(", ") || "none"})`,
     );
   }
 }

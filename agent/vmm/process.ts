@@ -12,10 +12,21 @@ export interface ProcIdentity {
   startTicks: number;
 }
 
+// QEMU must inherit nothing from the agent: a leaked listening socket would keep the
+// agent's API address "in use" after the agent dies. The runtime does not mark every fd
+// close-on-exec, so a tiny bash prologue closes all fds above stderr, then execs QEMU.
+const CLOSE_FDS_THEN_EXEC =
+  'for n in $(ls /proc/$$/fd); do if [ "$n" -gt 2 ]; then eval "exec $n>&-"; fi; done; exec "$0" "$@"';
+
 /** Launches QEMU with `-daemonize`; resolves once QEMU is initialised, with its pid. */
 export async function launchDaemonized(binary: string, args: string[], pidFile: string): Promise<ProcIdentity> {
   await Deno.remove(pidFile).catch(() => {});
-  const r = await execa(binary, args, { reject: false, stdin: "ignore", timeout: 60_000, all: true });
+  const r = await execa("bash", ["-c", CLOSE_FDS_THEN_EXEC, binary, ...args], {
+    reject: false,
+    stdin: "ignore",
+    timeout: 60_000,
+    all: true,
+  });
   if (r.exitCode !== 0) {
     const why = (r.all ?? "").toString().trim().split("\n").slice(-5).join(" | ");
     throw new UnavailableError(`qemu failed to start (exit ${r.exitCode ?? r.signal}): ${why}`);

@@ -3,11 +3,12 @@
  * argv is unit-tested and identical for start, restore and (later) migration targets.
  */
 import type { Accelerator } from "./accel.ts";
+import { CHANNEL_PORT_NAME, LAUNCH_FW_CFG_NAME } from "../osserver/wire.ts";
 
 /** Name of the virtio-serial port capsule-init opens (capsule-os/include/flexcap_wire.h). */
-export const OS_CHANNEL_PORT = "org.flexcap.os.0";
+export const OS_CHANNEL_PORT = CHANNEL_PORT_NAME;
 /** fw_cfg file carrying the LaunchConfig (capsule-os/include/flexcap_wire.h). */
-export const LAUNCH_FW_CFG = "opt/org.flexcap/launch";
+export const LAUNCH_FW_CFG = LAUNCH_FW_CFG_NAME;
 
 /** A host→guest port forward of the user-mode network backend. */
 export interface HostForward {

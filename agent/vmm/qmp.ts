@@ -7,13 +7,7 @@
 
 import { Code, DeadlineExceededError, FlexError, InternalError, UnavailableError } from "../errors.ts";
 import { type Logger, logger } from "../log.ts";
-import {
-  encodeQmpCommand,
-  type QmpDecoded,
-  QmpDecoder,
-  type QmpEvent,
-  type QmpVersion,
-} from "./qmp_framing.ts";
+import { encodeQmpCommand, type QmpDecoded, QmpDecoder, type QmpEvent, type QmpVersion } from "./qmp_framing.ts";
 
 export type { QmpEvent, QmpVersion } from "./qmp_framing.ts";
 

@@ -24,8 +24,13 @@
  *      a host that sees no Hello can provoke one by sending Ping;
  *   c) when a HelloReply arrives although no Hello is outstanding: the host
  *      uses this to ask for a fresh Hello (covers a close+reopen of the host
- *      end so fast that the guest never saw it disconnected).
+ *      end so fast that the guest never saw it disconnected);
+ *   d) right after an oversized host frame (> FLEXCAP_MAX_FRAME_BYTES): its
+ *      body is read and discarded (the length prefix keeps the stream in
+ *      sync) and the session starts over.
  * Frames queued for a connection that goes away are dropped.
+ * Hello is sent only while the host end is connected: writes to a port whose
+ * host end is closed would fail (EAGAIN), and nothing is buffered for it.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -241,13 +246,44 @@ out:
     return data;
 }
 
+/* Fallback when port I/O is not allowed (e.g. kernel lockdown): the
+ * qemu_fw_cfg driver's sysfs view, if that module was loaded. */
+static uint8_t *fwcfg_read_sysfs(const char *name, size_t *len_out)
+{
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "/sys/firmware/qemu_fw_cfg/by_name/%s/raw", name);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return NULL;
+    uint8_t *data = NULL;
+    size_t cap = 0, len = 0;
+    for (;;) {
+        if (len == cap) {
+            uint8_t *p = (cap < FW_CFG_MAX_FILE) ? realloc(data, cap = cap ? cap * 2 : 4096) : NULL;
+            if (!p) { free(data); data = NULL; break; }
+            data = p;
+        }
+        ssize_t n = read(fd, data + len, cap - len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) { free(data); data = NULL; }
+        if (n <= 0) break;
+        len += n;
+    }
+    close(fd);
+    *len_out = len;
+    return data;
+}
+
 static bool read_launch_config(LaunchConfig *cfg)
 {
     size_t len = 0;
     uint8_t *buf = fwcfg_read_file(FLEXCAP_FWCFG_LAUNCH_NAME, &len);
     if (!buf) {
-        logmsg("fw_cfg %s: %s", FLEXCAP_FWCFG_LAUNCH_NAME, strerror(errno));
-        return false;
+        int err = errno;
+        buf = fwcfg_read_sysfs(FLEXCAP_FWCFG_LAUNCH_NAME, &len);
+        if (!buf) {
+            logmsg("fw_cfg %s: %s", FLEXCAP_FWCFG_LAUNCH_NAME, strerror(err));
+            return false;
+        }
     }
     pb_istream_t is = pb_istream_from_buffer(buf, len);
     bool ok = pb_decode(&is, flexcap_guest_v1_LaunchConfig_fields, cfg);
@@ -391,7 +427,7 @@ out:
 struct chan {
     int fd;                 /* -1 while the port is not open */
     bool host_up;           /* host end connected, as last observed */
-    bool hello_outstanding; /* Hello sent on this connection, no reply yet */
+    unsigned hellos_pending; /* Hellos sent on this connection, not yet answered */
     bool accepted;          /* HelloReply{accepted} received on this connection */
     int64_t last_hello_ms;
     /* receive state: header, then payload (or discarding an oversized one) */
@@ -402,6 +438,7 @@ struct chan {
     /* transmit queue of whole frames */
     uint8_t tx[8192];
     size_t tx_len;
+    bool backlog_logged;
 };
 
 static struct chan ch = { .fd = -1 };
@@ -418,7 +455,7 @@ static void chan_reset_session(struct chan *c)
     c->hdr_got = 0;
     c->need = c->got = c->discard = 0;
     c->tx_len = 0;
-    c->hello_outstanding = false;
+    c->hellos_pending = 0;
     c->accepted = false;
 }
 
@@ -441,10 +478,16 @@ static void chan_flush(struct chan *c)
     }
 }
 
+/* The last TX_RESERVE bytes of the queue are kept for Exited, so a host that
+ * stops reading (Pong backlog) cannot crowd out the final report. */
+#define TX_RESERVE 256
+
 static void chan_send(struct chan *c, const GuestMessage *m)
 {
     uint8_t buf[512];
     if (c->fd < 0 || !c->host_up) return; /* nobody listening */
+    size_t cap = sizeof c->tx;
+    if (m->which_msg != flexcap_guest_v1_GuestMessage_exited_tag) cap -= TX_RESERVE;
     pb_ostream_t os = pb_ostream_from_buffer(buf + 4, sizeof buf - 4);
     if (!pb_encode(&os, flexcap_guest_v1_GuestMessage_fields, m)) {
         logmsg("encode: %s", PB_GET_ERROR(&os));
@@ -452,10 +495,12 @@ static void chan_send(struct chan *c, const GuestMessage *m)
     }
     uint32_t n = (uint32_t)os.bytes_written;
     buf[0] = n >> 24; buf[1] = n >> 16; buf[2] = n >> 8; buf[3] = n;
-    if (c->tx_len + 4 + n > sizeof c->tx) {
-        logmsg("channel backlog full; dropping frame");
+    if (c->tx_len + 4 + n > cap) {
+        if (!c->backlog_logged) logmsg("host is not reading; dropping frames");
+        c->backlog_logged = true;
         return;
     }
+    c->backlog_logged = false;
     memcpy(c->tx + c->tx_len, buf, 4 + n);
     c->tx_len += 4 + n;
     chan_flush(c);
@@ -467,7 +512,7 @@ static void send_hello(struct chan *c)
     m.which_msg = flexcap_guest_v1_GuestMessage_hello_tag;
     m.msg.hello.protocol_version = FLEXCAP_PROTOCOL_VERSION;
     snprintf(m.msg.hello.build_id, sizeof m.msg.hello.build_id, "%s", CAPSULE_INIT_BUILD_ID);
-    c->hello_outstanding = true;
+    c->hellos_pending++;
     c->last_hello_ms = now_ms();
     chan_send(c, &m);
 }
@@ -520,9 +565,11 @@ static void chan_try_open(struct chan *c)
 {
     char dev[PATH_MAX];
     if (c->fd >= 0 || !find_port(dev, sizeof dev)) return;
+    static bool open_failed_logged;
     int fd = open(dev, O_RDWR | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
     if (fd < 0) {
-        logmsg("open %s: %s", dev, strerror(errno));
+        if (!open_failed_logged) logmsg("open %s: %s", dev, strerror(errno));
+        open_failed_logged = true;
         return;
     }
     /* virtio_console raises SIGIO (collected through the signalfd) on data
@@ -560,12 +607,12 @@ static void handle_frame(struct chan *c, const uint8_t *buf, size_t len)
     }
     if (m.which_msg == flexcap_guest_v1_HostMessage_hello_reply_tag) {
         const flexcap_guest_v1_HelloReply *r = &m.msg.hello_reply;
-        if (!c->hello_outstanding) { /* rule c) */
+        if (c->hellos_pending == 0) { /* rule c) */
             logmsg("unsolicited HelloReply; sending Hello again");
             send_hello(c);
             return;
         }
-        c->hello_outstanding = false;
+        c->hellos_pending--;
         c->accepted = r->accepted;
         if (r->accepted)
             logmsg("host accepted session");
@@ -638,7 +685,9 @@ static void chan_on_bytes(struct chan *c, const uint8_t *p, size_t n)
 static void chan_read(struct chan *c)
 {
     uint8_t buf[4096];
-    for (;;) {
+    /* Bounded, so a flooding host cannot starve reaping and timers; poll()
+     * reports the rest next round. */
+    for (int round = 0; round < 16; round++) {
         ssize_t n = read(c->fd, buf, sizeof buf);
         if (n > 0) {
             chan_on_bytes(c, buf, n);

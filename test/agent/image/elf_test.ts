@@ -235,8 +235,7 @@ Deno.test("elf parser survives random bytes", () => {
 
 Deno.test("elf parser survives mutated headers", () => {
   const rand = rng(2);
-  const synth =
-    makeElf({ interp: "/lib/ld.so", needed: ["a.so", "b.so"], soname: "c.so", runpath: "/x" }).bytes;
+  const synth = makeElf({ interp: "/lib/ld.so", needed: ["a.so", "b.so"], soname: "c.so", runpath: "/x" }).bytes;
   const real = Deno.readFileSync("/lib64/ld-linux-x86-64.so.2"); // small, always present
   for (let i = 0; i < 4000; i++) {
     const b = (i % 8 ? synth : real).slice();

@@ -1,0 +1,256 @@
+/**
+ * flexcap: the command-line client of a local flexcapd.
+ *
+ *   flexcap [--api ADDR] [--json] capsule create NAME --image IMG [--memory MIB] [--vcpus N]
+ *           [--port HOST:GUEST[/udp]]… [--env K=V]… [--label K=V]… [-- ARGS…]
+ *   flexcap capsule list|get|start|stop|delete|pause|resume|save|restore|logs [-f] NAME
+ *   flexcap image build NAME --exec PATH [--file HOST[:GUEST]]… [--env K=V]… [--memory MIB] [--replace] [-- ARGS…]
+ *   flexcap image list|get|delete NAME
+ *   flexcap events [CAPSULE]
+ *   flexcap info
+ */
+import { parseArgs } from "node:util";
+import type { ServiceError } from "@grpc/grpc-js";
+import { status } from "@grpc/grpc-js";
+import { type Capsule, CapsuleState, type Event, Protocol } from "../gen/flexcap/v1/capsule.ts";
+import type { Image } from "../gen/flexcap/v1/image.ts";
+import { connect, DEFAULT_API, type FlexcapClient } from "./client.ts";
+import { enumName, json, mib, table } from "./format.ts";
+
+const USAGE = `usage: flexcap [--api ADDR] [--json] <noun> <verb> [args]
+  capsule create NAME --image IMG [--memory MIB] [--vcpus N] [--port HOST:GUEST[/udp]]...
+                      [--env K=V]... [--label K=V]... [-- ARGS...]
+  capsule list [--label K=V]...
+  capsule get|start|pause|resume|save|restore|delete NAME
+  capsule stop NAME [--grace-ms MS]
+  capsule logs NAME [-f]
+  image build NAME --exec PATH [--file HOST[:GUEST]]... [--env K=V]... [--memory MIB] [--replace] [-- ARGS...]
+  image list
+  image get|delete NAME
+  events [CAPSULE]
+  info`;
+
+class UsageError extends Error {}
+
+const stateName = (s: number) => enumName(CapsuleState, s, "CAPSULE_STATE_");
+
+function pairs(list: string[] | undefined, flag: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const item of list ?? []) {
+    const i = item.indexOf("=");
+    if (i <= 0) throw new UsageError(`${flag} expects K=V, got "${item}"`);
+    out[item.slice(0, i)] = item.slice(i + 1);
+  }
+  return out;
+}
+
+function parsePort(s: string, i: number) {
+  const m = /^(\d+):(\d+)(?:\/(tcp|udp))?$/.exec(s);
+  if (!m) throw new UsageError(`--port expects HOST:GUEST[/udp] (HOST 0 = auto), got "${s}" (#${i + 1})`);
+  return {
+    hostPort: Number(m[1]),
+    guestPort: Number(m[2]),
+    protocol: m[3] === "udp" ? Protocol.PROTOCOL_UDP : Protocol.PROTOCOL_TCP,
+  };
+}
+
+function capsuleRow(c: Capsule): string[] {
+  const ports = c.ports.map((p) => `${c.hostAddress}:${p.hostPort}->${p.guestPort}`).join(",");
+  const memory = c.memory
+    ? `${c.spec?.memoryMib}M (+${Math.round(c.memory.qemuOverheadKib / 1024)}M)`
+    : `${c.spec?.memoryMib}M`;
+  return [c.name, c.id, stateName(c.state), memory, c.qemuPid ? String(c.qemuPid) : "-", ports || "-", c.stateReason];
+}
+
+function printCapsules(list: Capsule[], asJson: boolean): void {
+  if (asJson) return console.log(json(list.length === 1 ? list[0] : list));
+  console.log(table(["NAME", "ID", "STATE", "MEMORY", "PID", "PORTS", "REASON"], list.map(capsuleRow)));
+}
+
+function printImages(list: Image[], asJson: boolean): void {
+  if (asJson) return console.log(json(list.length === 1 ? list[0] : list));
+  console.log(table(
+    ["NAME", "ID", "ENTRYPOINT", "MEMORY", "SIZE"],
+    list.map((i) => [i.name, i.id.slice(0, 19), i.entrypoint, `${i.defaultMemoryMib}M`, mib(i.sizeBytes)]),
+  ));
+}
+
+function printEvent(e: Event, asJson: boolean): void {
+  if (asJson) return console.log(JSON.stringify(e));
+  console.log(
+    `${e.time?.toISOString()}  ${e.capsuleName}  ${stateName(e.previousState)} -> ${stateName(e.state)}  ${e.message}`,
+  );
+}
+
+async function run(c: FlexcapClient, noun: string, verb: string | undefined, rest: string[], asJson: boolean) {
+  const name = () => {
+    if (!rest[0]) throw new UsageError(`${noun} ${verb} needs a NAME`);
+    return rest[0];
+  };
+  if (noun === "info") return console.log(json(await c.agent.getAgentInfo({})));
+  if (noun === "events") {
+    const stream = c.raw.capsules.watchEvents({ capsule: verb ?? "" });
+    for await (const msg of stream) printEvent(msg.event!, asJson);
+    return;
+  }
+  if (noun === "capsule") {
+    switch (verb) {
+      case "create": {
+        const { values, positionals } = parseArgs({
+          args: rest,
+          allowPositionals: true,
+          options: {
+            image: { type: "string" },
+            memory: { type: "string" },
+            vcpus: { type: "string" },
+            port: { type: "string", multiple: true },
+            env: { type: "string", multiple: true },
+            label: { type: "string", multiple: true },
+          },
+        });
+        if (!positionals[0] || !values.image) throw new UsageError("capsule create NAME --image IMG");
+        const r = await c.capsules.createCapsule({
+          name: positionals[0],
+          spec: {
+            image: values.image,
+            memoryMib: Number(values.memory ?? 0),
+            vcpus: Number(values.vcpus ?? 0),
+            args: positionals.slice(1),
+            env: pairs(values.env, "--env"),
+            labels: pairs(values.label, "--label"),
+            ports: (values.port ?? []).map(parsePort),
+          },
+        });
+        return printCapsules([r.capsule!], asJson);
+      }
+      case "list": {
+        const { values } = parseArgs({ args: rest, options: { label: { type: "string", multiple: true } } });
+        return printCapsules(
+          (await c.capsules.listCapsules({ labelSelector: pairs(values.label, "--label") })).capsules,
+          asJson,
+        );
+      }
+      case "get":
+        return printCapsules([(await c.capsules.getCapsule({ capsule: name() })).capsule!], asJson);
+      case "start":
+        return printCapsules([(await c.capsules.startCapsule({ capsule: name() })).capsule!], asJson);
+      case "stop": {
+        const { values, positionals } = parseArgs({
+          args: rest,
+          allowPositionals: true,
+          options: { "grace-ms": { type: "string" } },
+        });
+        const r = await c.capsules.stopCapsule({
+          capsule: positionals[0] ?? name(),
+          graceMs: Number(values["grace-ms"] ?? 0),
+        });
+        return printCapsules([r.capsule!], asJson);
+      }
+      case "pause":
+        return printCapsules([(await c.capsules.pauseCapsule({ capsule: name() })).capsule!], asJson);
+      case "resume":
+        return printCapsules([(await c.capsules.resumeCapsule({ capsule: name() })).capsule!], asJson);
+      case "save": {
+        const r = await c.capsules.saveCapsule({ capsule: name() });
+        if (!asJson) console.error(`saved ${mib(r.stateBytes)}`);
+        return printCapsules([r.capsule!], asJson);
+      }
+      case "restore":
+        return printCapsules([(await c.capsules.restoreCapsule({ capsule: name() })).capsule!], asJson);
+      case "delete":
+        await c.capsules.deleteCapsule({ capsule: name() });
+        return asJson ? console.log("{}") : console.error(`deleted ${rest[0]}`);
+      case "logs": {
+        const { values, positionals } = parseArgs({
+          args: rest,
+          allowPositionals: true,
+          options: { follow: { type: "boolean", short: "f" } },
+        });
+        const stream = c.raw.capsules.streamConsole({
+          capsule: positionals[0] ?? name(),
+          fromStart: true,
+          follow: Boolean(values.follow),
+        });
+        for await (const msg of stream) await Deno.stdout.write(msg.data);
+        return;
+      }
+    }
+  }
+  if (noun === "image") {
+    switch (verb) {
+      case "build": {
+        const { values, positionals } = parseArgs({
+          args: rest,
+          allowPositionals: true,
+          options: {
+            exec: { type: "string" },
+            file: { type: "string", multiple: true },
+            env: { type: "string", multiple: true },
+            memory: { type: "string" },
+            replace: { type: "boolean" },
+          },
+        });
+        if (!positionals[0] || !values.exec) throw new UsageError("image build NAME --exec PATH");
+        const r = await c.images.buildImage({
+          name: positionals[0],
+          executable: values.exec,
+          args: positionals.slice(1),
+          env: pairs(values.env, "--env"),
+          files: (values.file ?? []).map((f) => {
+            const [hostPath, guestPath = ""] = f.split(":");
+            return { hostPath, guestPath };
+          }),
+          defaultMemoryMib: Number(values.memory ?? 0),
+          kernel: 0,
+          replace: Boolean(values.replace),
+        });
+        return printImages([r.image!], asJson);
+      }
+      case "list":
+        return printImages((await c.images.listImages({})).images, asJson);
+      case "get":
+        return printImages([(await c.images.getImage({ image: name() })).image!], asJson);
+      case "delete":
+        await c.images.deleteImage({ image: name() });
+        return asJson ? console.log("{}") : console.error(`deleted image ${rest[0]}`);
+    }
+  }
+  throw new UsageError(`unknown command "${[noun, verb].filter(Boolean).join(" ")}"`);
+}
+
+async function main(argv: string[]): Promise<number> {
+  // Global flags come before the noun; everything after belongs to the verb.
+  let api = Deno.env.get("FLEXCAP_API") ?? DEFAULT_API;
+  let asJson = false;
+  let i = 0;
+  for (; i < argv.length; i++) {
+    if (argv[i] === "--api") api = argv[++i];
+    else if (argv[i].startsWith("--api=")) api = argv[i].slice(6);
+    else if (argv[i] === "--json") asJson = true;
+    else if (argv[i] === "-h" || argv[i] === "--help") return (console.log(USAGE), 0);
+    else break;
+  }
+  const [noun, verb, ...rest] = argv.slice(i);
+  if (!noun) return (console.error(USAGE), 2);
+  const client = connect(api);
+  try {
+    await run(client, noun, verb, rest, asJson);
+    return 0;
+  } catch (err) {
+    if (err instanceof UsageError || (err as Error).name === "TypeError") {
+      console.error(`flexcap: ${(err as Error).message}\n${USAGE}`);
+      return 2;
+    }
+    const e = err as ServiceError;
+    if (typeof e.code === "number") {
+      console.error(`flexcap: ${status[e.code]}: ${e.details || e.message}`);
+      return 1;
+    }
+    console.error(`flexcap: ${(err as Error).message ?? err}`);
+    return 1;
+  } finally {
+    client.close();
+  }
+}
+
+Deno.exit(await main(Deno.args));

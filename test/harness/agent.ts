@@ -1,0 +1,146 @@
+/**
+ * Test harness: runs a real flexcapd as a child process on a temp state dir and unix
+ * socket, with helpers to kill -9 and restart it and to clean up every QEMU it started.
+ */
+import { fileURLToPath } from "node:url";
+import { connect, type FlexcapClient } from "../../agent/cli/client.ts";
+
+const ROOT = fileURLToPath(new URL("../..", import.meta.url));
+
+/** A flexcapd child process plus a client for it. */
+export interface TestAgent {
+  stateDir: string;
+  api: string;
+  client: FlexcapClient;
+  /** The agent's stderr (JSON log lines) so far. */
+  logs(): string;
+  /** SIGKILLs the agent (its capsules keep running). */
+  kill9(): Promise<void>;
+  /** Starts the agent again on the same state dir. */
+  restart(): Promise<void>;
+  /** Stops the agent, kills every QEMU under the state dir and removes it. */
+  cleanup(): Promise<void>;
+}
+
+/** Starts flexcapd on a fresh temp state dir. */
+export async function startTestAgent(opts: { extraArgs?: string[]; configYaml?: string } = {}): Promise<TestAgent> {
+  const base = await Deno.makeTempDir({ prefix: "flexcap-test-" });
+  const stateDir = `${base}/state`;
+  const api = `unix:${base}/api.sock`;
+  const args = ["run", "-A", `${ROOT}/agent/cli/flexcapd.ts`, "serve", "--state-dir", stateDir, "--api", api];
+  if (opts.configYaml) {
+    await Deno.writeTextFile(`${base}/config.yaml`, opts.configYaml);
+    args.push("--config", `${base}/config.yaml`);
+  }
+  args.push(...(opts.extraArgs ?? []));
+  let child: Deno.ChildProcess | undefined;
+  let logText = "";
+  let client: FlexcapClient | undefined;
+  let pump: Promise<void> = Promise.resolve();
+
+  const spawn = async () => {
+    child = new Deno.Command(Deno.execPath(), { args, stdin: "null", stdout: "null", stderr: "piped" }).spawn();
+    const reader = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+    pump = (async () => {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        logText += value;
+      }
+    })();
+    client = connect(api);
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      try {
+        await client.agent.getAgentInfo({});
+        return;
+      } catch (err) {
+        if (Date.now() > deadline) throw new Error(`agent did not come up: ${err}\n${logText}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+  };
+  await spawn();
+
+  const agent: TestAgent = {
+    stateDir,
+    api,
+    get client() {
+      return client!;
+    },
+    logs: () => logText,
+    async kill9() {
+      client?.close();
+      child?.kill("SIGKILL");
+      await child?.status;
+      await pump;
+      child = undefined;
+    },
+    async restart() {
+      await spawn();
+    },
+    async cleanup() {
+      client?.close();
+      if (child) {
+        child.kill("SIGTERM");
+        await child.status;
+        await pump;
+      }
+      await killQemusUnder(stateDir);
+      await Deno.remove(base, { recursive: true }).catch(() => {});
+    },
+  };
+  return agent;
+}
+
+/** Kills every QEMU whose command line mentions `dir` (a test's leftovers). */
+export async function killQemusUnder(dir: string): Promise<void> {
+  for await (const e of Deno.readDir("/proc")) {
+    if (!/^\d+$/.test(e.name)) continue;
+    try {
+      const cmd = await Deno.readTextFile(`/proc/${e.name}/cmdline`);
+      if (cmd.includes("qemu-system") && cmd.includes(dir)) Deno.kill(Number(e.name), "SIGKILL");
+    } catch { /* gone */ }
+  }
+}
+
+/** Polls `fn` until it returns a truthy value or `timeoutMs` passes. */
+export async function waitFor<T>(what: string, fn: () => Promise<T> | T, timeoutMs = 60_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v) return v;
+    } catch (err) {
+      last = err;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${last}` : ""}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+/** Builds the busybox httpd demo image serving `text` at /. */
+export async function buildHttpdImage(client: FlexcapClient, name = "httpd", text = "hello from a capsule\n") {
+  const www = await Deno.makeTempDir({ prefix: "flexcap-www-" });
+  await Deno.writeTextFile(`${www}/index.html`, text);
+  try {
+    return (await client.images.buildImage({
+      name,
+      executable: "/bin/busybox",
+      args: ["httpd", "-f", "-p", "80", "-h", "/www"],
+      env: {},
+      files: [{ hostPath: www, guestPath: "/www" }],
+      defaultMemoryMib: 0,
+      kernel: 0,
+      replace: false,
+    })).image!;
+  } finally {
+    await Deno.remove(www, { recursive: true });
+  }
+}
+
+/** An empty capsule spec with overrides. */
+export function spec(image: string, over: Record<string, unknown> = {}) {
+  return { image, memoryMib: 128, vcpus: 1, args: [], env: {}, labels: {}, ports: [], ...over };
+}
