@@ -42,7 +42,7 @@ export function serverStream<Req, Res>(
     }, (err) => {
       if (abort.signal.aborted) return;
       logRpcError(log, method, err);
-      call.destroy(toGrpcStatus(err));
+      call.emit("error", toGrpcStatus(err)); // grpc-js sends the status on "error"; destroy() would drop it
     });
   };
 }

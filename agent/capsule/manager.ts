@@ -174,6 +174,7 @@ export class CapsuleManager {
         throw err;
       }
       rec.exitCode = undefined;
+      this.#exitCodes.delete(rec.id); // a code from the previous run must not be reported for this one
       this.#attach(rec, vm, ports);
       await this.#setState(rec, "running", "started");
       return this.view(rec);
