@@ -126,8 +126,10 @@ export class QmpClient {
       });
     });
     this.#write(line).catch((err) => {
+      // Only this command fails: the peer may have closed its read side with replies and
+      // events (e.g. SHUTDOWN after quit) still queued for us; the read loop drains them
+      // and ends the session at EOF.
       this.#pending.get(id)?.reject(new UnavailableError(`qmp ${command}: write failed`, { cause: err }));
-      this.#shutdown(`write failed: ${(err as Error).message}`);
     });
     return handled(reply as Promise<T>);
   }

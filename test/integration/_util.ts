@@ -10,7 +10,7 @@ import { CapsuleState } from "../../agent/gen/flexcap/v1/capsule.ts";
 export { CapsuleState };
 
 /** Sanitizer options: grpc-js keeps timers and sockets alive past a test's end. */
-export const GRPC_TEST = { sanitizeOps: false, sanitizeResources: false } as const;
+export const GRPC_TEST = {} as const;
 
 /** gRPC status codes the agent uses. */
 export const Status = {
