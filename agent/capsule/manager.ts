@@ -345,7 +345,7 @@ export class CapsuleManager {
     const mine = new Map(spec.ports.map((p, i) => [portKey(p.hostPort, p.protocol), i]));
     for (const [k, i] of mine) {
       if (k.startsWith("0/")) continue;
-      if ([...mine.entries()].some(([k2, j]) => k2 === k && j !== i)) {
+      if (spec.ports.some((p, j) => portKey(p.hostPort, p.protocol) === k && j !== i)) {
         throw new InvalidArgumentError(`spec.ports[${i}].host_port`, `${k} listed twice`);
       }
     }

@@ -9,9 +9,6 @@ import { CapsuleState } from "../../agent/gen/flexcap/v1/capsule.ts";
 
 export { CapsuleState };
 
-/** Sanitizer options: grpc-js keeps timers and sockets alive past a test's end. */
-export const GRPC_TEST = {} as const;
-
 /** gRPC status codes the agent uses. */
 export const Status = {
   INVALID_ARGUMENT: 3,

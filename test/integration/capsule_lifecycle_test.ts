@@ -9,7 +9,6 @@ import {
   CapsuleState as S,
   collect,
   consoleText,
-  GRPC_TEST,
   httpGet,
   pidAlive,
   rejectsWith,
@@ -20,7 +19,7 @@ import {
 
 const INDEX = "hello from the lifecycle test\n";
 
-Deno.test({ name: "capsule lifecycle works end to end over gRPC", ...GRPC_TEST }, async (t) => {
+Deno.test("capsule lifecycle works end to end over gRPC", async (t) => {
   const agent = await startTestAgent();
   const c = agent.client.capsules;
   const watch = collect<WatchEventsResponse>(agent.client.raw.capsules.watchEvents({ capsule: "" }));
