@@ -257,6 +257,9 @@ async function readElf(path: string, kind: string): Promise<ElfInfo> {
     bytes = await Deno.readFile(path);
   } catch (err) {
     if (err instanceof Deno.errors.NotFound) throw new NotFoundError(kind, path);
+    if (err instanceof Deno.errors.IsADirectory) {
+      throw new FlexError(Code.INVALID_ARGUMENT, `${kind} ${path}: is a directory`);
+    }
     throw err;
   }
   try {

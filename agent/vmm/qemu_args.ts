@@ -53,7 +53,7 @@ export function buildQemuArgs(spec: QemuLaunchSpec): string[] {
     "-name",
     `guest=${spec.capsuleId},process=flexcap-${spec.capsuleId}`,
     "-machine",
-    `microvm,acpi=${spec.acpi ? "on" : "off"},pit=off,pic=off,rtc=on,memory-backend=ram0`,
+    `microvm,x-option-roms=off,acpi=${spec.acpi ? "on" : "off"},pit=off,pic=off,rtc=on,memory-backend=ram0`,
     "-accel",
     accel,
     "-cpu",

@@ -1,0 +1,59 @@
+/**
+ * Reporting shared by the benchmark dispatcher (main.ts) and suites run directly: runs a
+ * suite's `run()`, prints the result as ONE JSON object on the last line of stdout and
+ * writes it, pretty-printed, to bench-results/SUITE.json. Progress goes to stderr.
+ * (Separate from main.ts so a suite can import it without an import cycle through
+ * main.ts's top-level await.)
+ */
+import { fileURLToPath } from "node:url";
+
+const ROOT = fileURLToPath(new URL("../..", import.meta.url));
+
+/** What every suite module exports. */
+export interface BenchSuite {
+  run(): Promise<Record<string, unknown>>;
+}
+
+/** Runs one suite and reports it; resolves with the result. */
+export async function runSuite(suite: string): Promise<Record<string, unknown>> {
+  if (!/^[a-z][a-z0-9_-]*$/.test(suite) || ["main", "report"].includes(suite)) {
+    throw new Error(`bad suite name ${JSON.stringify(suite)}`);
+  }
+  const path = fileURLToPath(new URL(`./${suite}.ts`, import.meta.url));
+  try {
+    await Deno.stat(path);
+  } catch {
+    throw new Error(`no benchmark suite ${JSON.stringify(suite)} (expected ${path})`);
+  }
+  const mod = await import(new URL(`./${suite}.ts`, import.meta.url).href) as Partial<BenchSuite>;
+  if (typeof mod.run !== "function") throw new Error(`${path} exports no run()`);
+  const started = new Date();
+  const result = {
+    suite,
+    ...await mod.run(),
+    started_at: started.toISOString(),
+    duration_s: Math.round((Date.now() - started.getTime()) / 100) / 10,
+  };
+  const dir = `${ROOT}/bench-results`;
+  await Deno.mkdir(dir, { recursive: true });
+  await Deno.writeTextFile(`${dir}/${suite}.json`, JSON.stringify(result, null, 2) + "\n");
+  console.error(`bench: wrote bench-results/${suite}.json`);
+  console.log(JSON.stringify(result));
+  return result;
+}
+
+/** Entry point shared by main.ts and suites run directly; exits non-zero on failure. */
+export async function main(suite: string | undefined): Promise<void> {
+  if (!suite) {
+    console.error("usage: deno run -A test/bench/main.ts SUITE   (e.g. lifecycle)");
+    Deno.exit(2);
+  }
+  try {
+    await runSuite(suite);
+  } catch (err) {
+    console.error(`bench ${suite} failed:`, err);
+    Deno.exit(1);
+  }
+  // grpc-js may keep timers or sockets alive; the suite has cleaned up, so leave now.
+  Deno.exit(0);
+}
