@@ -6,6 +6,8 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { ReflectionService } from "@grpc/reflection";
 import { HealthImplementation } from "grpc-health-check";
+import { fromBinary, toBinary } from "@bufbuild/protobuf";
+import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
 import { dirname } from "node:path";
 import { InvalidArgumentError, UnavailableError } from "../errors.ts";
 import { type AgentServiceServer, AgentServiceService } from "../gen/flexcap/v1/agent.ts";
@@ -46,8 +48,7 @@ export async function startServer(services: ServerServices, listen: ListenOption
     "flexcap.v1.AgentService": "SERVING",
   });
   health.addToServer(server);
-  const bytes = Uint8Array.from(atob(descriptorSetBase64), (c) => c.charCodeAt(0));
-  new ReflectionService(protoLoader.loadFileDescriptorSetFromBuffer(bytes as unknown as Buffer)).addToServer(server);
+  new ReflectionService(reflectionPackage()).addToServer(server);
 
   let creds = grpc.ServerCredentials.createInsecure();
   let target: string;
@@ -86,6 +87,20 @@ export async function startServer(services: ServerServices, listen: ListenOption
         });
       }),
   };
+}
+
+// proto-loader merges each package into one synthetic file without dependencies, which
+// strict reflection clients (grpcurl, protobuf-es) cannot link; serve the original files.
+function reflectionPackage(): protoLoader.PackageDefinition {
+  const bytes = Uint8Array.from(atob(descriptorSetBase64), (c) => c.charCodeAt(0));
+  const pkg = protoLoader.loadFileDescriptorSetFromBuffer(bytes as unknown as Buffer);
+  const originals = fromBinary(FileDescriptorSetSchema, bytes).file.map((f) =>
+    toBinary(FileDescriptorProtoSchema, f) as unknown as Buffer
+  );
+  for (const def of Object.values(pkg)) {
+    if ("fileDescriptorProtos" in def) (def as { fileDescriptorProtos: Buffer[] }).fileDescriptorProtos = originals;
+  }
+  return pkg;
 }
 
 // A socket file left by a killed agent blocks bind; one that still answers means another agent runs.

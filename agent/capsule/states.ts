@@ -29,7 +29,7 @@ const TRANSITIONS: Record<CapsuleStateName, readonly CapsuleStateName[]> = {
   saving: ["saved", "running", "paused", "stopped"],
   saved: ["restoring"],
   // A failed restore keeps the state file: back to saved.
-  restoring: ["running", "saved", "stopped"],
+  restoring: ["running", "paused", "saved", "stopped"],
 };
 
 /** States in which a QEMU process exists (or is being made) for the capsule. */

@@ -165,8 +165,7 @@ export async function checkReflectionServesOriginalFiles(api: string): Promise<v
 
 Deno.test({
   name: "server reflection serves the original proto files with their imports",
-  // Known failure, see checkReflectionServesOriginalFiles: enable once server.ts is fixed.
-  ignore: true,
+
   sanitizeOps: false,
   sanitizeResources: false,
 }, async () => {
