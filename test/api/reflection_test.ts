@@ -165,7 +165,6 @@ export async function checkReflectionServesOriginalFiles(api: string): Promise<v
 
 Deno.test({
   name: "server reflection serves the original proto files with their imports",
-
   sanitizeOps: false,
   sanitizeResources: false,
 }, async () => {
