@@ -3,6 +3,7 @@
  * socket (0600 by default) or TCP with TLS.
  */
 import * as grpc from "@grpc/grpc-js";
+import { Buffer } from "node:buffer";
 import * as protoLoader from "@grpc/proto-loader";
 import { ReflectionService } from "@grpc/reflection";
 import { HealthImplementation } from "grpc-health-check";
@@ -59,7 +60,7 @@ export async function startServer(services: ServerServices, listen: ListenOption
     target = `unix:${path}`;
   } else {
     if (!listen.tls) throw new InvalidArgumentError("tls", "a tcp: API address needs tls.cert and tls.key");
-    const read = (p: string) => Deno.readFileSync(p) as unknown as Buffer;
+    const read = (p: string) => Buffer.from(Deno.readFileSync(p));
     creds = grpc.ServerCredentials.createSsl(
       listen.tls.ca ? read(listen.tls.ca) : null,
       [{ private_key: read(listen.tls.key), cert_chain: read(listen.tls.cert) }],

@@ -3,6 +3,7 @@
  * and benchmarks.
  */
 import * as grpc from "@grpc/grpc-js";
+import { Buffer } from "node:buffer";
 import { AgentServiceClient } from "../gen/flexcap/v1/agent.ts";
 import { CapsuleServiceClient } from "../gen/flexcap/v1/capsule.ts";
 import { ImageServiceClient } from "../gen/flexcap/v1/image.ts";
@@ -54,16 +55,25 @@ export interface FlexcapClient {
 }
 
 /** Connects to `api` ("unix:/path" or "tcp:host:port" with TLS files). */
-export function connect(api = DEFAULT_API, tls?: { ca?: string; cert?: string; key?: string }): FlexcapClient {
+export function connect(
+  api = DEFAULT_API,
+  tls?: {
+    ca?: string;
+    cert?: string;
+    key?: string; /** Name to verify instead of the host (IP targets). */
+    serverName?: string;
+  },
+): FlexcapClient {
   const target = api.startsWith("tcp:") ? api.slice(4) : api;
   const creds = api.startsWith("tcp:")
     ? grpc.credentials.createSsl(
-      tls?.ca ? Deno.readFileSync(tls.ca) as unknown as Buffer : null,
-      tls?.key ? Deno.readFileSync(tls.key) as unknown as Buffer : null,
-      tls?.cert ? Deno.readFileSync(tls.cert) as unknown as Buffer : null,
+      tls?.ca ? Buffer.from(Deno.readFileSync(tls.ca)) : null,
+      tls?.key ? Buffer.from(Deno.readFileSync(tls.key)) : null,
+      tls?.cert ? Buffer.from(Deno.readFileSync(tls.cert)) : null,
     )
     : grpc.credentials.createInsecure();
-  const opts = { "grpc.max_receive_message_length": 16 * 1024 * 1024 };
+  const opts: grpc.ChannelOptions = { "grpc.max_receive_message_length": 16 * 1024 * 1024 };
+  if (tls?.serverName) opts["grpc.ssl_target_name_override"] = tls.serverName;
   const capsules = new CapsuleServiceClient(target, creds, opts);
   const images = new ImageServiceClient(target, creds, opts);
   const agent = new AgentServiceClient(target, creds, opts);

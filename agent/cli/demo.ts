@@ -6,6 +6,7 @@
 import { fileURLToPath } from "node:url";
 import { CapsuleState } from "../gen/flexcap/v1/capsule.ts";
 import { connect, DEFAULT_API } from "./client.ts";
+import { buildHttpdImage } from "./httpd_image.ts";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 const LOG = "/var/log/flexcap/flexcapd.log";
@@ -51,19 +52,7 @@ async function main(): Promise<void> {
     const images = (await c.images.listImages({})).images;
     if (!images.some((i) => i.name === "httpd")) {
       console.log("building image httpd (busybox httpd; the first build downloads the guest kernel with apt) …");
-      const www = await Deno.makeTempDir();
-      await Deno.writeTextFile(`${www}/index.html`, "<h1>Hello from a FlexCapsule capsule</h1>\n");
-      await c.images.buildImage({
-        name: "httpd",
-        executable: "/bin/busybox",
-        args: ["httpd", "-f", "-p", "80", "-h", "/www"],
-        env: {},
-        files: [{ hostPath: www, guestPath: "/www" }],
-        defaultMemoryMib: 0,
-        kernel: 0,
-        replace: false,
-      });
-      await Deno.remove(www, { recursive: true });
+      await buildHttpdImage(c, "httpd", "<h1>Hello from a FlexCapsule capsule</h1>\n");
     }
     const existing = (await c.capsules.listCapsules({ labelSelector: {} })).capsules.find((x) => x.name === NAME);
     if (!existing) {

@@ -4,6 +4,7 @@
  */
 import { fileURLToPath } from "node:url";
 import { connect, type FlexcapClient } from "../../agent/cli/client.ts";
+export { buildHttpdImage } from "../../agent/cli/httpd_image.ts";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 
@@ -23,10 +24,17 @@ export interface TestAgent {
 }
 
 /** Starts flexcapd on a fresh temp state dir. */
-export async function startTestAgent(opts: { extraArgs?: string[]; configYaml?: string } = {}): Promise<TestAgent> {
+export async function startTestAgent(
+  opts: {
+    extraArgs?: string[];
+    configYaml?: string;
+    /** Where to reach the agent when extraArgs moves its API (e.g. to tcp: with TLS). */
+    ready?: { api: string; tls?: { ca?: string; cert?: string; key?: string; serverName?: string } };
+  } = {},
+): Promise<TestAgent> {
   const base = await Deno.makeTempDir({ prefix: "flexcap-test-" });
   const stateDir = `${base}/state`;
-  const api = `unix:${base}/api.sock`;
+  const api = opts.ready?.api ?? `unix:${base}/api.sock`;
   const args = ["run", "-A", `${ROOT}/agent/cli/flexcapd.ts`, "serve", "--state-dir", stateDir, "--api", api];
   if (opts.configYaml) {
     await Deno.writeTextFile(`${base}/config.yaml`, opts.configYaml);
@@ -48,7 +56,7 @@ export async function startTestAgent(opts: { extraArgs?: string[]; configYaml?: 
         logText += value;
       }
     })();
-    client = connect(api);
+    client = connect(api, opts.ready?.tls);
     const deadline = Date.now() + 30_000;
     for (;;) {
       try {
@@ -117,26 +125,6 @@ export async function waitFor<T>(what: string, fn: () => Promise<T> | T, timeout
     }
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${last}` : ""}`);
     await new Promise((r) => setTimeout(r, 200));
-  }
-}
-
-/** Builds the busybox httpd demo image serving `text` at /. */
-export async function buildHttpdImage(client: FlexcapClient, name = "httpd", text = "hello from a capsule\n") {
-  const www = await Deno.makeTempDir({ prefix: "flexcap-www-" });
-  await Deno.writeTextFile(`${www}/index.html`, text);
-  try {
-    return (await client.images.buildImage({
-      name,
-      executable: "/bin/busybox",
-      args: ["httpd", "-f", "-p", "80", "-h", "/www"],
-      env: {},
-      files: [{ hostPath: www, guestPath: "/www" }],
-      defaultMemoryMib: 0,
-      kernel: 0,
-      replace: false,
-    })).image!;
-  } finally {
-    await Deno.remove(www, { recursive: true });
   }
 }
 
