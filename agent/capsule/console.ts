@@ -43,3 +43,24 @@ export async function* streamConsole(
     file?.close();
   }
 }
+
+/** The guest kernel's last "Kernel panic" line in the console log's tail, if any. */
+export async function findKernelPanic(path: string, tailBytes = 16 * 1024): Promise<string | undefined> {
+  try {
+    using f = await Deno.open(path, { read: true });
+    const size = (await f.stat()).size;
+    await f.seek(Math.max(0, size - tailBytes), Deno.SeekMode.Start);
+    const buf = new Uint8Array(Math.min(size, tailBytes));
+    let off = 0;
+    while (off < buf.length) {
+      const n = await f.read(buf.subarray(off));
+      if (n === null) break;
+      off += n;
+    }
+    const lines = new TextDecoder().decode(buf.subarray(0, off)).split("\n");
+    const panic = lines.reverse().find((l) => l.includes("Kernel panic - not syncing"));
+    return panic?.replace(/^\[\s*[\d.]+\]\s*/, "").trim().slice(0, 200);
+  } catch {
+    return undefined;
+  }
+}

@@ -16,7 +16,7 @@ import type { AccelChoice } from "../vmm/accel.ts";
 import type { QemuMemory } from "../vmm/process.ts";
 import { QemuVm } from "../vmm/vm.ts";
 import { checkFits, type MemoryBudget } from "./capacity.ts";
-import { streamConsole } from "./console.ts";
+import { findKernelPanic, streamConsole } from "./console.ts";
 import type { CapsuleEvent, EventBus } from "./events.ts";
 import { encodeLaunchConfig, type LaunchHost, qemuSpec } from "./launch.ts";
 import { KeyedMutex } from "./lock.ts";
@@ -122,7 +122,12 @@ export class CapsuleManager {
       memoryMib: input.memoryMib || image.manifest.defaultMemoryMib,
       vcpus: input.vcpus || 1,
     };
-    if (spec.memoryMib < 16) throw new InvalidArgumentError("spec.memory_mib", "at least 16 MiB");
+    if (spec.memoryMib < image.manifest.minMemoryMib) {
+      throw new InvalidArgumentError(
+        "spec.memory_mib",
+        `image "${image.name}" needs at least ${image.manifest.minMemoryMib} MiB, got ${spec.memoryMib}`,
+      );
+    }
     checkFits(this.deps.budget, 0, spec.memoryMib, "spec.memory_mib");
     this.#checkFixedPorts(spec, undefined);
     const now = new Date().toISOString();
@@ -378,7 +383,13 @@ export class CapsuleManager {
         this.#forget(rec.id);
         const code = this.#exitCodes.get(rec.id);
         rec.exitCode = code;
-        const why = code === undefined ? exit.reason : `app exited with code ${code}; ${exit.reason}`;
+        // A guest that dies without reporting an exit often left the reason on its console.
+        const panic = code === undefined ? await findKernelPanic(this.deps.store.paths(rec.id).console) : undefined;
+        const why = code !== undefined
+          ? `app exited with code ${code}; ${exit.reason}`
+          : panic
+          ? `${exit.reason}: guest ${panic}`
+          : exit.reason;
         this.#log.info("capsule's qemu exited", { capsule: rec.id, reason: why });
         await this.#setState(rec, "stopped", why);
       })

@@ -3,7 +3,7 @@
  * a capsule uses, and resolving an image's boot files for QEMU.
  */
 import { join } from "node:path";
-import { FailedPreconditionError } from "../errors.ts";
+import { FailedPreconditionError, InvalidArgumentError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import { buildInitramfs } from "./builder.ts";
 import { ensureLinuxVmKernel, type KernelFiles } from "./kernels.ts";
@@ -42,6 +42,13 @@ export class ImageCatalog {
         { executable: req.executable, files: req.files, kernel, capsuleInit: this.opts.capsuleInit },
         tmp,
       );
+      const minMemoryMib = kernel.minMemoryMib(initrd.bytes / 1024 / 1024);
+      if (req.defaultMemoryMib && req.defaultMemoryMib < minMemoryMib) {
+        throw new InvalidArgumentError(
+          "default_memory_mib",
+          `this image needs at least ${minMemoryMib} MiB (kernel + ${Math.ceil(initrd.bytes / 1048576)} MiB initramfs)`,
+        );
+      }
       const initrdBlob = await this.store.putBlobFile(tmp);
       const kernelBlob = await this.store.putBlob(await Deno.readFile(kernel.vmlinuz));
       const kernelBytes = (await Deno.stat(this.store.blobPath(kernelBlob))).size;
@@ -55,7 +62,8 @@ export class ImageCatalog {
         entrypoint: req.executable,
         args: req.args,
         env: { ...initrd.env, ...req.env },
-        defaultMemoryMib: req.defaultMemoryMib || kernel.defaultMemoryMib,
+        defaultMemoryMib: Math.max(req.defaultMemoryMib || kernel.defaultMemoryMib, minMemoryMib),
+        minMemoryMib,
         files: initrd.files,
         sizeBytes: initrd.bytes + kernelBytes,
       };

@@ -23,6 +23,8 @@ export const ManifestSchema = z.object({
   args: z.array(z.string()),
   env: z.record(z.string(), z.string()),
   defaultMemoryMib: z.number().int().positive(),
+  /** Guest RAM below which the image cannot boot (kernel needs + the initramfs unpacked). */
+  minMemoryMib: z.number().int().positive(),
   /** Paths packed besides the init, for people and tests. */
   files: z.array(z.string()),
   sizeBytes: z.number().int().nonnegative(),

@@ -89,3 +89,12 @@ export function collect<T>(call: ClientReadableStream<T>): { items: T[]; error()
 export async function until<T>(what: string, fn: () => Promise<T> | T, timeoutMs = 60_000): Promise<NonNullable<T>> {
   return await waitFor(what, fn, timeoutMs) as NonNullable<T>;
 }
+
+/**
+ * Config YAML giving an agent its own block of auto host ports (above the ephemeral range),
+ * so parallel agents on this machine (default range 20000-29999) never hand out the same port.
+ */
+export function privatePortsConfig(): string {
+  const base = 61_000 + Math.floor(Math.random() * 90) * 50;
+  return `network:\n  port_range: [${base}, ${base + 49}]\n`;
+}

@@ -4,12 +4,12 @@
  */
 import assert from "node:assert/strict";
 import { buildHttpdImage, spec, startTestAgent, waitFor } from "../harness/agent.ts";
-import { CapsuleState as S, consoleText, httpGet, rejectsWith, Status } from "./_util.ts";
+import { CapsuleState as S, consoleText, httpGet, privatePortsConfig, rejectsWith, Status } from "./_util.ts";
 
 const { INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, RESOURCE_EXHAUSTED, FAILED_PRECONDITION } = Status;
 
 Deno.test("bad input is refused with the right status and changes nothing", async (t) => {
-  const agent = await startTestAgent();
+  const agent = await startTestAgent({ configYaml: privatePortsConfig() });
   const c = agent.client.capsules;
   const img = agent.client.images;
   const create = (name: string, over: Record<string, unknown> = {}) =>
@@ -57,7 +57,11 @@ Deno.test("bad input is refused with the right status and changes nothing", asyn
     });
 
     await t.step("too little memory is INVALID_ARGUMENT naming spec.memory_mib", async () => {
-      await rejectsWith(create("mem-small", { memoryMib: 8 }), INVALID_ARGUMENT, /^spec\.memory_mib: at least 16/);
+      await rejectsWith(
+        create("mem-small", { memoryMib: 8 }),
+        INVALID_ARGUMENT,
+        /^spec\.memory_mib: image "[a-z0-9-]+" needs at least \d+ MiB, got 8/,
+      );
     });
 
     await t.step("absurd memory is INVALID_ARGUMENT naming spec.memory_mib", async () => {
@@ -263,6 +267,11 @@ Deno.test("bad input is refused with the right status and changes nothing", asyn
       );
       assert.ok([INVALID_ARGUMENT, NOT_FOUND].includes(err.code), `code ${err.code}: ${err.details}`);
       assert.match(err.details, /\/no\/such\/executable/);
+      await rejectsWith(
+        build({ defaultMemoryMib: 40 }),
+        INVALID_ARGUMENT,
+        /^default_memory_mib: this image needs at least \d+ MiB/,
+      );
       await rejectsWith(
         build({ executable: "bin/busybox" }),
         INVALID_ARGUMENT,

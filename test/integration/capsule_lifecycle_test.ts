@@ -11,6 +11,7 @@ import {
   consoleText,
   httpGet,
   pidAlive,
+  privatePortsConfig,
   rejectsWith,
   stateName,
   Status,
@@ -20,7 +21,7 @@ import {
 const INDEX = "hello from the lifecycle test\n";
 
 Deno.test("capsule lifecycle works end to end over gRPC", async (t) => {
-  const agent = await startTestAgent();
+  const agent = await startTestAgent({ configYaml: privatePortsConfig() });
   const c = agent.client.capsules;
   const watch = collect<WatchEventsResponse>(agent.client.raw.capsules.watchEvents({ capsule: "" }));
   try {
@@ -213,7 +214,7 @@ Deno.test("capsule lifecycle works end to end over gRPC", async (t) => {
       await c.createCapsule({ name: "noise", spec: spec("httpd") });
       const one = collect<WatchEventsResponse>(agent.client.raw.capsules.watchEvents({ capsule: "solo" }));
       try {
-        await new Promise((r) => setTimeout(r, 300)); // let the subscription reach the agent
+        await new Promise((r) => setTimeout(r, 1_000)); // let the subscription reach the agent
         await c.deleteCapsule({ capsule: "noise" });
         await c.deleteCapsule({ capsule: "solo" });
         await waitFor("solo's deleted event", () => one.items.length > 0, 10_000);

@@ -6,13 +6,13 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { buildHttpdImage, spec, startTestAgent, waitFor } from "../harness/agent.ts";
-import { CapsuleState as S, httpGet, pidAlive, stateName, until } from "./_util.ts";
+import { CapsuleState as S, httpGet, pidAlive, privatePortsConfig, stateName, until } from "./_util.ts";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
 const INDEX = "hello from a capsule\n";
 
 Deno.test("agent restart re-adopts running capsules and settles dead ones", async (t) => {
-  const agent = await startTestAgent();
+  const agent = await startTestAgent({ configYaml: privatePortsConfig() });
   const get = async (ref: string) => (await agent.client.capsules.getCapsule({ capsule: ref })).capsule!;
   try {
     await buildHttpdImage(agent.client);

@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { buildHttpdImage, spec, startTestAgent, waitFor } from "../harness/agent.ts";
-import { CapsuleState as S, consoleText, httpGet, pidAlive, stateName } from "./_util.ts";
+import { CapsuleState as S, consoleText, httpGet, pidAlive, privatePortsConfig, stateName } from "./_util.ts";
 
 const TICKER = "i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done";
 
@@ -19,7 +19,7 @@ function assertCounting(seq: number[], what: string): void {
 }
 
 Deno.test("save and restore continue the guest where it was", async (t) => {
-  const agent = await startTestAgent();
+  const agent = await startTestAgent({ configYaml: privatePortsConfig() });
   const c = agent.client.capsules;
   const text = () => consoleText(agent.client, "ticker");
   try {
