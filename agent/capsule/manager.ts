@@ -43,9 +43,6 @@ export interface ManagerDeps {
   bootFiles(image: ImageManifest): Promise<{ kernelPath: string; initrdPath: string; hostCmdline: string }>;
 }
 
-/** Spec as requested, before image defaults are applied. */
-export type CapsuleSpecInput = Omit<CapsuleSpec, "memoryMib" | "vcpus"> & { memoryMib: number; vcpus: number };
-
 const SAVE_TIMEOUT_MS = 120_000;
 const RESTORE_TIMEOUT_MS = 120_000;
 const KILL_WAIT_MS = 5_000;
@@ -113,8 +110,8 @@ export class CapsuleManager {
     return { record: rec, memory: this.#vms.get(rec.id)?.memory() };
   }
 
-  /** Creates a capsule (not started). */
-  async create(name: string, input: CapsuleSpecInput): Promise<CapsuleView> {
+  /** Creates a capsule (not started); 0 memory/vcpus and empty args take the image's defaults. */
+  async create(name: string, input: CapsuleSpec): Promise<CapsuleView> {
     if ([...this.#records.values()].some((r) => r.name === name)) throw new AlreadyExistsError("capsule", name);
     const image = await this.deps.images.get(input.image);
     const spec: CapsuleSpec = {
@@ -424,10 +421,7 @@ export class CapsuleManager {
   // Ends a QEMU the manager is done with (after save): quit, then kill if it lingers.
   async #detachVm(rec: CapsuleRecord, vm: QemuVm): Promise<void> {
     this.#forget(rec.id);
-    await vm.quit();
-    const t = setTimeout(() => vm.kill(), KILL_WAIT_MS);
-    await vm.exited;
-    clearTimeout(t);
+    await vm.quitAndWait(KILL_WAIT_MS);
     rec.runtime = undefined;
   }
 
@@ -447,10 +441,7 @@ export class CapsuleManager {
     ]);
     if (!exited) {
       how = `guest did not power off within ${graceMs} ms; killed`;
-      await vm.quit();
-      const t = setTimeout(() => vm.kill(), KILL_WAIT_MS);
-      await vm.exited;
-      clearTimeout(t);
+      await vm.quitAndWait(KILL_WAIT_MS);
     }
     this.#forget(rec.id);
     rec.runtime = undefined;

@@ -4,7 +4,7 @@
  * Re-running it is safe: existing pieces are reused.
  */
 import { fileURLToPath } from "node:url";
-import { CapsuleState } from "../gen/flexcap/v1/capsule.ts";
+import { CapsuleSpec, CapsuleState, Protocol } from "../gen/flexcap/v1/capsule.ts";
 import { connect, DEFAULT_API } from "./client.ts";
 import { buildHttpdImage } from "./httpd_image.ts";
 
@@ -58,15 +58,11 @@ async function main(): Promise<void> {
     if (!existing) {
       await c.capsules.createCapsule({
         name: NAME,
-        spec: {
+        spec: CapsuleSpec.fromPartial({
           image: "httpd",
-          memoryMib: 0,
-          vcpus: 1,
-          args: [],
-          env: {},
           labels: { app: "demo" },
-          ports: [{ guestPort: 80, hostPort: 0, protocol: 1 }],
-        },
+          ports: [{ guestPort: 80, hostPort: 0, protocol: Protocol.PROTOCOL_TCP }],
+        }),
       });
     }
     let cap = (await c.capsules.getCapsule({ capsule: NAME })).capsule!;

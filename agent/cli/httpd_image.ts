@@ -1,7 +1,7 @@
 /**
  * The busybox-httpd image used by the demo, the tests and the benchmarks.
  */
-import type { Image } from "../gen/flexcap/v1/image.ts";
+import { BuildImageRequest, type Image } from "../gen/flexcap/v1/image.ts";
 import type { FlexcapClient } from "./client.ts";
 
 /** Builds an image named `name` whose busybox httpd serves `text` at / on port 80. */
@@ -13,16 +13,12 @@ export async function buildHttpdImage(
   const www = await Deno.makeTempDir({ prefix: "flexcap-www-" });
   await Deno.writeTextFile(`${www}/index.html`, text);
   try {
-    return (await client.images.buildImage({
+    return (await client.images.buildImage(BuildImageRequest.fromPartial({
       name,
       executable: "/bin/busybox",
       args: ["httpd", "-f", "-p", "80", "-h", "/www"],
-      env: {},
       files: [{ hostPath: www, guestPath: "/www" }],
-      defaultMemoryMib: 0,
-      kernel: 0,
-      replace: false,
-    })).image!;
+    }))).image!;
   } finally {
     await Deno.remove(www, { recursive: true });
   }

@@ -131,9 +131,9 @@ export class ImageStore {
     this.#tags = tags;
   }
 
-  // Keeps manifests that are tagged or that `keep` names (used by capsules), and their blobs.
-  async #gc(keepIds: Set<string> = new Set()): Promise<void> {
-    const live = new Set([...Object.values(this.#tags).map((t) => t.id), ...keepIds]);
+  // Keeps tagged manifests and their blobs; callers refuse to untag an image a capsule uses.
+  async #gc(): Promise<void> {
+    const live = new Set(Object.values(this.#tags).map((t) => t.id));
     const blobs = new Set<string>();
     for await (const e of Deno.readDir(join(this.root, "manifests"))) {
       const id = "sha256:" + e.name.replace(/\.json$/, "");

@@ -97,6 +97,14 @@ export class QemuVm {
     await this.qmp.execute("quit").catch(() => {/* QEMU may close before replying */});
   }
 
+  /** Quits QEMU and waits for it to exit, SIGKILLing it if it lingers past `killAfterMs`. */
+  async quitAndWait(killAfterMs: number): Promise<void> {
+    await this.quit();
+    const t = setTimeout(() => this.kill(), killAfterMs);
+    await this.exited;
+    clearTimeout(t);
+  }
+
   /** SIGKILLs QEMU if it is still this process. */
   kill(): void {
     signalProcess(this.ident, "SIGKILL");

@@ -4,6 +4,7 @@
  */
 import { fileURLToPath } from "node:url";
 import { connect, type FlexcapClient } from "../../agent/cli/client.ts";
+import { CapsuleSpec } from "../../agent/gen/flexcap/v1/capsule.ts";
 export { buildHttpdImage } from "../../agent/cli/httpd_image.ts";
 
 const ROOT = fileURLToPath(new URL("../..", import.meta.url));
@@ -128,7 +129,7 @@ export async function waitFor<T>(what: string, fn: () => Promise<T> | T, timeout
   }
 }
 
-/** An empty capsule spec with overrides. */
-export function spec(image: string, over: Record<string, unknown> = {}) {
-  return { image, memoryMib: 128, vcpus: 1, args: [], env: {}, labels: {}, ports: [], ...over };
+/** A capsule spec for `image` (128 MiB, 1 vCPU) with overrides. */
+export function spec(image: string, over: Partial<CapsuleSpec> = {}): CapsuleSpec {
+  return CapsuleSpec.fromPartial({ image, memoryMib: 128, vcpus: 1, ...over });
 }

@@ -3,6 +3,7 @@
  * message naming the offending field, and none of them changes any state.
  */
 import assert from "node:assert/strict";
+import { BuildImageRequest } from "../../agent/gen/flexcap/v1/image.ts";
 import { buildHttpdImage, spec, startTestAgent, waitFor } from "../harness/agent.ts";
 import { CapsuleState as S, consoleText, httpGet, privatePortsConfig, rejectsWith, Status } from "./_util.ts";
 
@@ -233,16 +234,11 @@ Deno.test("bad input is refused with the right status and changes nothing", asyn
         /cannot delete image "httpd": used by capsules .*run/,
       );
       await rejectsWith(
-        img.buildImage({
+        img.buildImage(BuildImageRequest.fromPartial({
           name: "httpd",
           executable: "/bin/busybox",
-          args: [],
-          env: {},
-          files: [],
-          defaultMemoryMib: 0,
-          kernel: 0,
           replace: true,
-        }),
+        })),
         FAILED_PRECONDITION,
         /cannot replace image "httpd": used by/,
       );
@@ -250,17 +246,11 @@ Deno.test("bad input is refused with the right status and changes nothing", asyn
 
     await t.step("image build of a bad executable or file is refused with a clear message", async () => {
       const build = (over: Record<string, unknown>) =>
-        img.buildImage({
+        img.buildImage(BuildImageRequest.fromPartial({
           name: "broken",
           executable: "/bin/busybox",
-          args: [],
-          env: {},
-          files: [],
-          defaultMemoryMib: 0,
-          kernel: 0,
-          replace: false,
           ...over,
-        });
+        }));
       const err = await build({ executable: "/no/such/executable" }).then(
         () => assert.fail("build of a missing executable succeeded"),
         (e) => e,

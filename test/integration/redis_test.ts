@@ -3,6 +3,7 @@
  * libraries, reached over its forwarded TCP port with raw RESP.
  */
 import assert from "node:assert/strict";
+import { BuildImageRequest } from "../../agent/gen/flexcap/v1/image.ts";
 import { spec, startTestAgent, waitFor } from "../harness/agent.ts";
 import { CapsuleState as S, consoleText, privatePortsConfig, stateName } from "./_util.ts";
 
@@ -59,16 +60,11 @@ Deno.test("redis runs in a capsule and answers over its forwarded port", {
     let port = 0;
 
     await t.step("image packs redis with its shared libraries", async () => {
-      const image = (await agent.client.images.buildImage({
+      const image = (await agent.client.images.buildImage(BuildImageRequest.fromPartial({
         name: "redis",
         executable: REDIS,
         args: ["--port", "6379", "--protected-mode", "no", "--save", "", "--appendonly", "no"],
-        env: {},
-        files: [],
-        defaultMemoryMib: 0,
-        kernel: 0,
-        replace: false,
-      })).image!;
+      }))).image!;
       assert.equal(image.entrypoint, REDIS);
       for (const lib of ["libc.so.6", "libjemalloc.so.2", "libssl.so.3", "ld-linux-x86-64.so.2"]) {
         assert.ok(image.files.some((f) => f.endsWith(`/${lib}`)), `${lib} packed (${image.files})`);

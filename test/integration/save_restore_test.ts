@@ -3,6 +3,7 @@
  * on exactly where it was (a counting shell loop keeps counting; httpd keeps serving).
  */
 import assert from "node:assert/strict";
+import { BuildImageRequest } from "../../agent/gen/flexcap/v1/image.ts";
 import { buildHttpdImage, spec, startTestAgent, waitFor } from "../harness/agent.ts";
 import { CapsuleState as S, consoleText, httpGet, pidAlive, privatePortsConfig, stateName } from "./_util.ts";
 
@@ -23,16 +24,11 @@ Deno.test("save and restore continue the guest where it was", async (t) => {
   const c = agent.client.capsules;
   const text = () => consoleText(agent.client, "ticker");
   try {
-    await agent.client.images.buildImage({
+    await agent.client.images.buildImage(BuildImageRequest.fromPartial({
       name: "ticker",
       executable: "/bin/busybox",
       args: ["sh", "-c", TICKER],
-      env: {},
-      files: [],
-      defaultMemoryMib: 0,
-      kernel: 0,
-      replace: false,
-    });
+    }));
     await c.createCapsule({ name: "ticker", spec: spec("ticker") });
     const started = (await c.startCapsule({ capsule: "ticker" })).capsule!;
     await waitFor("tick 3", async () => ticks(await text()).some((n) => n >= 3), 60_000);

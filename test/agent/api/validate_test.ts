@@ -1,10 +1,12 @@
 import assert from "node:assert/strict";
+import { CapsuleSpec } from "../../../agent/gen/flexcap/v1/capsule.ts";
+import { BuildImageRequest } from "../../../agent/gen/flexcap/v1/image.ts";
 import { BuildImageSchema, CreateCapsuleSchema, validate } from "../../../agent/api/validate.ts";
 import { InvalidArgumentError } from "../../../agent/errors.ts";
 import { toGrpcStatus } from "../../../agent/api/status.ts";
 import { FailedPreconditionError, NotFoundError, ResourceExhaustedError } from "../../../agent/errors.ts";
 
-const spec = { image: "httpd", memoryMib: 0, vcpus: 0, args: [], env: {}, labels: {}, ports: [] };
+const spec = CapsuleSpec.fromPartial({ image: "httpd" });
 
 function field(input: unknown): string {
   try {
@@ -37,16 +39,7 @@ Deno.test("request validation names the proto field that is wrong", () => {
 });
 
 Deno.test("image build validation refuses relative paths and '..'", () => {
-  const ok = {
-    name: "httpd",
-    executable: "/bin/busybox",
-    args: [],
-    env: {},
-    files: [],
-    defaultMemoryMib: 0,
-    kernel: 0,
-    replace: false,
-  };
+  const ok = BuildImageRequest.fromPartial({ name: "httpd", executable: "/bin/busybox" });
   assert.equal(validate(BuildImageSchema, ok).name, "httpd");
   assert.throws(() => validate(BuildImageSchema, { ...ok, executable: "busybox" }), /executable/);
   assert.throws(
