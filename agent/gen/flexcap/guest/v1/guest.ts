@@ -11,21 +11,99 @@ export const protobufPackage = "flexcap.guest.v1";
 
 export const protobufFileName = "flexcap/guest/v1/guest.proto";
 
+/** Transport protocol of a listening socket. */
+export enum Protocol {
+  PROTOCOL_UNSPECIFIED = 0,
+  PROTOCOL_TCP = 1,
+  PROTOCOL_UDP = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function protocolFromJSON(object: any): Protocol {
+  switch (object) {
+    case 0:
+    case "PROTOCOL_UNSPECIFIED":
+      return Protocol.PROTOCOL_UNSPECIFIED;
+    case 1:
+    case "PROTOCOL_TCP":
+      return Protocol.PROTOCOL_TCP;
+    case 2:
+    case "PROTOCOL_UDP":
+      return Protocol.PROTOCOL_UDP;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return Protocol.UNRECOGNIZED;
+  }
+}
+
+export function protocolToJSON(object: Protocol): string {
+  switch (object) {
+    case Protocol.PROTOCOL_UNSPECIFIED:
+      return "PROTOCOL_UNSPECIFIED";
+    case Protocol.PROTOCOL_TCP:
+      return "PROTOCOL_TCP";
+    case Protocol.PROTOCOL_UDP:
+      return "PROTOCOL_UDP";
+    case Protocol.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** Which output of the app a Log chunk comes from. */
+export enum LogStream {
+  LOG_STREAM_UNSPECIFIED = 0,
+  LOG_STREAM_STDOUT = 1,
+  LOG_STREAM_STDERR = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function logStreamFromJSON(object: any): LogStream {
+  switch (object) {
+    case 0:
+    case "LOG_STREAM_UNSPECIFIED":
+      return LogStream.LOG_STREAM_UNSPECIFIED;
+    case 1:
+    case "LOG_STREAM_STDOUT":
+      return LogStream.LOG_STREAM_STDOUT;
+    case 2:
+    case "LOG_STREAM_STDERR":
+      return LogStream.LOG_STREAM_STDERR;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return LogStream.UNRECOGNIZED;
+  }
+}
+
+export function logStreamToJSON(object: LogStream): string {
+  switch (object) {
+    case LogStream.LOG_STREAM_UNSPECIFIED:
+      return "LOG_STREAM_UNSPECIFIED";
+    case LogStream.LOG_STREAM_STDOUT:
+      return "LOG_STREAM_STDOUT";
+    case LogStream.LOG_STREAM_STDERR:
+      return "LOG_STREAM_STDERR";
+    case LogStream.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** What the guest must run; read by capsule-init at boot. */
 export interface LaunchConfig {
   /** Program and arguments; argv[0] is the path inside the image. */
   argv: string[];
   /** Environment, each "KEY=VALUE". */
   env: string[];
-  /** Network identity of the guest's first NIC. */
-  net:
-    | NetConfig
-    | undefined;
   /** The capsule's id, also used as the hostname. */
   capsuleId: string;
+  /** Directory the app starts in; "/" when empty. */
+  workdir: string;
 }
 
-/** Static IPv4 configuration of eth0. */
+/** Static IPv4 configuration of eth0 (SetNetwork). */
 export interface NetConfig {
   /** Address with prefix length, e.g. "10.0.2.15/24". */
   addressCidr: string;
@@ -41,15 +119,20 @@ export interface GuestMessage {
     | { $case: "hello"; value: Hello }
     | { $case: "exited"; value: Exited }
     | { $case: "pong"; value: Pong }
+    | { $case: "ports"; value: Ports }
+    | { $case: "log"; value: Log }
+    | { $case: "networkApplied"; value: NetworkApplied }
     | undefined;
 }
 
 /** Host -> guest. */
 export interface HostMessage {
-  msg: { $case: "helloReply"; value: HelloReply } | { $case: "shutdown"; value: Shutdown } | {
-    $case: "ping";
-    value: Ping;
-  } | undefined;
+  msg:
+    | { $case: "helloReply"; value: HelloReply }
+    | { $case: "shutdown"; value: Shutdown }
+    | { $case: "ping"; value: Ping }
+    | { $case: "setNetwork"; value: SetNetwork }
+    | undefined;
 }
 
 /** First frame the guest sends on every (re)connection. */
@@ -91,8 +174,47 @@ export interface Pong {
   nonce: number;
 }
 
+/** One port a guest socket listens on (any address, IPv4 or IPv6). */
+export interface ListenPort {
+  port: number;
+  protocol: Protocol;
+}
+
+/**
+ * The complete set of ports listened on in the guest, sorted, no duplicates, at
+ * most 64. Sent when the set changes and after every accepted Hello; a full set
+ * rather than deltas, so a lost frame or a reconnection cannot leave the host
+ * with a stale picture.
+ */
+export interface Ports {
+  listening: ListenPort[];
+}
+
+/**
+ * A chunk of the app's output, at most 16 KiB. While no host is connected the
+ * guest writes the output to the serial console instead, so nothing is lost.
+ */
+export interface Log {
+  stream: LogStream;
+  data: Buffer;
+}
+
+/** Replace eth0's address, gateway and resolver (e.g. after a clone). */
+export interface SetNetwork {
+  /** Echoed in NetworkApplied. */
+  requestId: number;
+  net: NetConfig | undefined;
+}
+
+/** Answer to SetNetwork. */
+export interface NetworkApplied {
+  requestId: number;
+  /** Empty on success, else what failed. */
+  error: string;
+}
+
 function createBaseLaunchConfig(): LaunchConfig {
-  return { argv: [], env: [], net: undefined, capsuleId: "" };
+  return { argv: [], env: [], capsuleId: "", workdir: "" };
 }
 
 export const LaunchConfig: MessageFns<LaunchConfig> = {
@@ -103,11 +225,11 @@ export const LaunchConfig: MessageFns<LaunchConfig> = {
     for (const v of message.env) {
       writer.uint32(18).string(v!);
     }
-    if (message.net !== undefined) {
-      NetConfig.encode(message.net, writer.uint32(26).fork()).join();
-    }
     if (message.capsuleId !== "") {
       writer.uint32(34).string(message.capsuleId);
+    }
+    if (message.workdir !== "") {
+      writer.uint32(42).string(message.workdir);
     }
     return writer;
   },
@@ -141,20 +263,20 @@ export const LaunchConfig: MessageFns<LaunchConfig> = {
             message.env.push(reader.string());
             continue;
           }
-          case 3: {
-            if (tag !== 26) {
-              break;
-            }
-
-            message.net = NetConfig.decode(reader, reader.uint32());
-            continue;
-          }
           case 4: {
             if (tag !== 34) {
               break;
             }
 
             message.capsuleId = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.workdir = reader.string();
             continue;
           }
         }
@@ -173,12 +295,12 @@ export const LaunchConfig: MessageFns<LaunchConfig> = {
     return {
       argv: globalThis.Array.isArray(object?.argv) ? object.argv.map((e: any) => globalThis.String(e)) : [],
       env: globalThis.Array.isArray(object?.env) ? object.env.map((e: any) => globalThis.String(e)) : [],
-      net: isSet(object.net) ? NetConfig.fromJSON(object.net) : undefined,
       capsuleId: isSet(object.capsuleId)
         ? globalThis.String(object.capsuleId)
         : isSet(object.capsule_id)
         ? globalThis.String(object.capsule_id)
         : "",
+      workdir: isSet(object.workdir) ? globalThis.String(object.workdir) : "",
     };
   },
 
@@ -190,11 +312,11 @@ export const LaunchConfig: MessageFns<LaunchConfig> = {
     if (message.env?.length) {
       obj.env = message.env;
     }
-    if (message.net !== undefined) {
-      obj.net = NetConfig.toJSON(message.net);
-    }
     if (message.capsuleId !== "") {
       obj.capsuleId = message.capsuleId;
+    }
+    if (message.workdir !== "") {
+      obj.workdir = message.workdir;
     }
     return obj;
   },
@@ -206,8 +328,8 @@ export const LaunchConfig: MessageFns<LaunchConfig> = {
     const message = createBaseLaunchConfig();
     message.argv = object.argv?.map((e) => e) || [];
     message.env = object.env?.map((e) => e) || [];
-    message.net = (object.net !== undefined && object.net !== null) ? NetConfig.fromPartial(object.net) : undefined;
     message.capsuleId = object.capsuleId ?? "";
+    message.workdir = object.workdir ?? "";
     return message;
   },
 };
@@ -333,6 +455,15 @@ export const GuestMessage: MessageFns<GuestMessage> = {
       case "pong":
         Pong.encode(message.msg.value, writer.uint32(26).fork()).join();
         break;
+      case "ports":
+        Ports.encode(message.msg.value, writer.uint32(34).fork()).join();
+        break;
+      case "log":
+        Log.encode(message.msg.value, writer.uint32(42).fork()).join();
+        break;
+      case "networkApplied":
+        NetworkApplied.encode(message.msg.value, writer.uint32(50).fork()).join();
+        break;
     }
     return writer;
   },
@@ -374,6 +505,30 @@ export const GuestMessage: MessageFns<GuestMessage> = {
             message.msg = { $case: "pong", value: Pong.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.msg = { $case: "ports", value: Ports.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.msg = { $case: "log", value: Log.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.msg = { $case: "networkApplied", value: NetworkApplied.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -394,6 +549,14 @@ export const GuestMessage: MessageFns<GuestMessage> = {
         ? { $case: "exited", value: Exited.fromJSON(object.exited) }
         : isSet(object.pong)
         ? { $case: "pong", value: Pong.fromJSON(object.pong) }
+        : isSet(object.ports)
+        ? { $case: "ports", value: Ports.fromJSON(object.ports) }
+        : isSet(object.log)
+        ? { $case: "log", value: Log.fromJSON(object.log) }
+        : isSet(object.networkApplied)
+        ? { $case: "networkApplied", value: NetworkApplied.fromJSON(object.networkApplied) }
+        : isSet(object.network_applied)
+        ? { $case: "networkApplied", value: NetworkApplied.fromJSON(object.network_applied) }
         : undefined,
     };
   },
@@ -406,6 +569,12 @@ export const GuestMessage: MessageFns<GuestMessage> = {
       obj.exited = Exited.toJSON(message.msg.value);
     } else if (message.msg?.$case === "pong") {
       obj.pong = Pong.toJSON(message.msg.value);
+    } else if (message.msg?.$case === "ports") {
+      obj.ports = Ports.toJSON(message.msg.value);
+    } else if (message.msg?.$case === "log") {
+      obj.log = Log.toJSON(message.msg.value);
+    } else if (message.msg?.$case === "networkApplied") {
+      obj.networkApplied = NetworkApplied.toJSON(message.msg.value);
     }
     return obj;
   },
@@ -434,6 +603,24 @@ export const GuestMessage: MessageFns<GuestMessage> = {
         }
         break;
       }
+      case "ports": {
+        if (object.msg?.value !== undefined && object.msg?.value !== null) {
+          message.msg = { $case: "ports", value: Ports.fromPartial(object.msg.value) };
+        }
+        break;
+      }
+      case "log": {
+        if (object.msg?.value !== undefined && object.msg?.value !== null) {
+          message.msg = { $case: "log", value: Log.fromPartial(object.msg.value) };
+        }
+        break;
+      }
+      case "networkApplied": {
+        if (object.msg?.value !== undefined && object.msg?.value !== null) {
+          message.msg = { $case: "networkApplied", value: NetworkApplied.fromPartial(object.msg.value) };
+        }
+        break;
+      }
     }
     return message;
   },
@@ -454,6 +641,9 @@ export const HostMessage: MessageFns<HostMessage> = {
         break;
       case "ping":
         Ping.encode(message.msg.value, writer.uint32(26).fork()).join();
+        break;
+      case "setNetwork":
+        SetNetwork.encode(message.msg.value, writer.uint32(34).fork()).join();
         break;
     }
     return writer;
@@ -496,6 +686,14 @@ export const HostMessage: MessageFns<HostMessage> = {
             message.msg = { $case: "ping", value: Ping.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.msg = { $case: "setNetwork", value: SetNetwork.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -518,6 +716,10 @@ export const HostMessage: MessageFns<HostMessage> = {
         ? { $case: "shutdown", value: Shutdown.fromJSON(object.shutdown) }
         : isSet(object.ping)
         ? { $case: "ping", value: Ping.fromJSON(object.ping) }
+        : isSet(object.setNetwork)
+        ? { $case: "setNetwork", value: SetNetwork.fromJSON(object.setNetwork) }
+        : isSet(object.set_network)
+        ? { $case: "setNetwork", value: SetNetwork.fromJSON(object.set_network) }
         : undefined,
     };
   },
@@ -530,6 +732,8 @@ export const HostMessage: MessageFns<HostMessage> = {
       obj.shutdown = Shutdown.toJSON(message.msg.value);
     } else if (message.msg?.$case === "ping") {
       obj.ping = Ping.toJSON(message.msg.value);
+    } else if (message.msg?.$case === "setNetwork") {
+      obj.setNetwork = SetNetwork.toJSON(message.msg.value);
     }
     return obj;
   },
@@ -555,6 +759,12 @@ export const HostMessage: MessageFns<HostMessage> = {
       case "ping": {
         if (object.msg?.value !== undefined && object.msg?.value !== null) {
           message.msg = { $case: "ping", value: Ping.fromPartial(object.msg.value) };
+        }
+        break;
+      }
+      case "setNetwork": {
+        if (object.msg?.value !== undefined && object.msg?.value !== null) {
+          message.msg = { $case: "setNetwork", value: SetNetwork.fromPartial(object.msg.value) };
         }
         break;
       }
@@ -1036,6 +1246,433 @@ export const Pong: MessageFns<Pong> = {
     return message;
   },
 };
+
+function createBaseListenPort(): ListenPort {
+  return { port: 0, protocol: 0 };
+}
+
+export const ListenPort: MessageFns<ListenPort> = {
+  encode(message: ListenPort, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.port !== 0) {
+      writer.uint32(8).uint32(message.port);
+    }
+    if (message.protocol !== 0) {
+      writer.uint32(16).int32(message.protocol);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListenPort {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListenPort();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.port = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.protocol = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListenPort {
+    return {
+      port: isSet(object.port) ? globalThis.Number(object.port) : 0,
+      protocol: isSet(object.protocol) ? protocolFromJSON(object.protocol) : 0,
+    };
+  },
+
+  toJSON(message: ListenPort): unknown {
+    const obj: any = {};
+    if (message.port !== 0) {
+      obj.port = Math.round(message.port);
+    }
+    if (message.protocol !== 0) {
+      obj.protocol = protocolToJSON(message.protocol);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListenPort>, I>>(base?: I): ListenPort {
+    return ListenPort.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListenPort>, I>>(object: I): ListenPort {
+    const message = createBaseListenPort();
+    message.port = object.port ?? 0;
+    message.protocol = object.protocol ?? 0;
+    return message;
+  },
+};
+
+function createBasePorts(): Ports {
+  return { listening: [] };
+}
+
+export const Ports: MessageFns<Ports> = {
+  encode(message: Ports, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.listening) {
+      ListenPort.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Ports {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePorts();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.listening.push(ListenPort.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Ports {
+    return {
+      listening: globalThis.Array.isArray(object?.listening)
+        ? object.listening.map((e: any) => ListenPort.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: Ports): unknown {
+    const obj: any = {};
+    if (message.listening?.length) {
+      obj.listening = message.listening.map((e) => ListenPort.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Ports>, I>>(base?: I): Ports {
+    return Ports.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Ports>, I>>(object: I): Ports {
+    const message = createBasePorts();
+    message.listening = object.listening?.map((e) => ListenPort.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseLog(): Log {
+  return { stream: 0, data: Buffer.alloc(0) };
+}
+
+export const Log: MessageFns<Log> = {
+  encode(message: Log, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.stream !== 0) {
+      writer.uint32(8).int32(message.stream);
+    }
+    if (message.data.length !== 0) {
+      writer.uint32(18).bytes(message.data);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Log {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLog();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.stream = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Log {
+    return {
+      stream: isSet(object.stream) ? logStreamFromJSON(object.stream) : 0,
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: Log): unknown {
+    const obj: any = {};
+    if (message.stream !== 0) {
+      obj.stream = logStreamToJSON(message.stream);
+    }
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Log>, I>>(base?: I): Log {
+    return Log.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Log>, I>>(object: I): Log {
+    const message = createBaseLog();
+    message.stream = object.stream ?? 0;
+    message.data = object.data ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseSetNetwork(): SetNetwork {
+  return { requestId: 0, net: undefined };
+}
+
+export const SetNetwork: MessageFns<SetNetwork> = {
+  encode(message: SetNetwork, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== 0) {
+      writer.uint32(8).uint64(message.requestId);
+    }
+    if (message.net !== undefined) {
+      NetConfig.encode(message.net, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SetNetwork {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSetNetwork();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.requestId = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.net = NetConfig.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SetNetwork {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.Number(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.Number(object.request_id)
+        : 0,
+      net: isSet(object.net) ? NetConfig.fromJSON(object.net) : undefined,
+    };
+  },
+
+  toJSON(message: SetNetwork): unknown {
+    const obj: any = {};
+    if (message.requestId !== 0) {
+      obj.requestId = Math.round(message.requestId);
+    }
+    if (message.net !== undefined) {
+      obj.net = NetConfig.toJSON(message.net);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SetNetwork>, I>>(base?: I): SetNetwork {
+    return SetNetwork.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SetNetwork>, I>>(object: I): SetNetwork {
+    const message = createBaseSetNetwork();
+    message.requestId = object.requestId ?? 0;
+    message.net = (object.net !== undefined && object.net !== null) ? NetConfig.fromPartial(object.net) : undefined;
+    return message;
+  },
+};
+
+function createBaseNetworkApplied(): NetworkApplied {
+  return { requestId: 0, error: "" };
+}
+
+export const NetworkApplied: MessageFns<NetworkApplied> = {
+  encode(message: NetworkApplied, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== 0) {
+      writer.uint32(8).uint64(message.requestId);
+    }
+    if (message.error !== "") {
+      writer.uint32(18).string(message.error);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetworkApplied {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetworkApplied();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.requestId = longToNumber(reader.uint64());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.error = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): NetworkApplied {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.Number(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.Number(object.request_id)
+        : 0,
+      error: isSet(object.error) ? globalThis.String(object.error) : "",
+    };
+  },
+
+  toJSON(message: NetworkApplied): unknown {
+    const obj: any = {};
+    if (message.requestId !== 0) {
+      obj.requestId = Math.round(message.requestId);
+    }
+    if (message.error !== "") {
+      obj.error = message.error;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<NetworkApplied>, I>>(base?: I): NetworkApplied {
+    return NetworkApplied.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NetworkApplied>, I>>(object: I): NetworkApplied {
+    const message = createBaseNetworkApplied();
+    message.requestId = object.requestId ?? 0;
+    message.error = object.error ?? "";
+    return message;
+  },
+};
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
 
