@@ -15,7 +15,7 @@ import { CapsuleStore } from "./capsule/store.ts";
 import type { Config } from "./config/schema.ts";
 import { UnavailableError } from "./errors.ts";
 import { ImageCatalog } from "./image/catalog.ts";
-import { hostKernelArgs } from "./image/kernels.ts";
+import { defaultCapsuleKernelBuild, hostKernelArgs } from "./image/kernels.ts";
 import { ImageStore } from "./image/store.ts";
 import { type Logger, setLogLevel } from "./log.ts";
 import { VERSION } from "./version.ts";
@@ -61,6 +61,7 @@ export async function startAgent(config: Config, log: Logger): Promise<RunningAg
   const catalog = new ImageCatalog(images, {
     cacheDir: config.cache_dir,
     capsuleInit: defaultCapsuleInit(),
+    kernelBuild: defaultCapsuleKernelBuild(),
     log: log.with({ component: "image" }),
     usersOf: (id) => manager.usersOfImage(id),
   });
@@ -79,7 +80,7 @@ export async function startAgent(config: Config, log: Logger): Promise<RunningAg
   const apiLog = log.with({ component: "api" });
   const server = await startServer({
     capsule: capsuleService(manager, apiLog),
-    image: imageService(catalog, apiLog),
+    image: imageService(catalog, manager, apiLog),
     agent: agentService({
       version: VERSION,
       accelerator: accel.accelerator,

@@ -4,7 +4,7 @@
 import type { CapsuleServiceServer } from "../gen/flexcap/v1/capsule.ts";
 import type { CapsuleManager } from "../capsule/manager.ts";
 import type { Logger } from "../log.ts";
-import { capsuleToPb, eventToPb, protocolFromPb } from "./convert.ts";
+import { capsuleToPb, eventToPb, logChunkToPb, protocolFromPb } from "./convert.ts";
 import { serverStream, unary } from "./rpc.ts";
 import {
   CapsuleRefSchema,
@@ -12,6 +12,7 @@ import {
   ListCapsulesSchema,
   StopCapsuleSchema,
   StreamConsoleSchema,
+  StreamLogsSchema,
   validate,
   WatchEventsSchema,
 } from "./validate.ts";
@@ -59,6 +60,10 @@ export function capsuleService(m: CapsuleManager, log: Logger): CapsuleServiceSe
     streamConsole: serverStream(log, "StreamConsole", async function* (req, signal) {
       const { capsule, fromStart, follow } = validate(StreamConsoleSchema, req);
       for await (const data of m.console(capsule, fromStart, follow, signal)) yield { data };
+    }),
+    streamLogs: serverStream(log, "StreamLogs", async function* (req, signal) {
+      const { capsule, fromStart, follow } = validate(StreamLogsSchema, req);
+      for await (const c of m.logs(capsule, fromStart, follow, signal)) yield { chunk: logChunkToPb(c) };
     }),
   };
 }

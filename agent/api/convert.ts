@@ -1,10 +1,13 @@
 /**
  * Converters between wire (agent/gen) and domain types. The only file that knows both.
  */
+import { Buffer } from "node:buffer";
 import * as pb from "../gen/flexcap/v1/capsule.ts";
 import * as ipb from "../gen/flexcap/v1/image.ts";
 import type { CapsuleView } from "../capsule/manager.ts";
 import type { CapsuleEvent } from "../capsule/events.ts";
+import type { LogChunk } from "../capsule/app_log.ts";
+import type { GuestPort } from "../osserver/guest_messages.ts";
 import type { CapsuleStateName } from "../capsule/states.ts";
 import type { PortMapping, Protocol } from "../capsule/types.ts";
 import type { ImageInfo } from "../image/manifest.ts";
@@ -25,6 +28,10 @@ const EVENT: Record<CapsuleEvent["type"], pb.EventType> = {
   created: pb.EventType.EVENT_TYPE_CREATED,
   state_changed: pb.EventType.EVENT_TYPE_STATE_CHANGED,
   deleted: pb.EventType.EVENT_TYPE_DELETED,
+  listen: pb.EventType.EVENT_TYPE_LISTEN,
+  unlisten: pb.EventType.EVENT_TYPE_UNLISTEN,
+  log: pb.EventType.EVENT_TYPE_LOG,
+  exited: pb.EventType.EVENT_TYPE_EXITED,
 };
 
 /** Wire protocol enum → domain ("tcp" when unspecified). */
@@ -32,11 +39,28 @@ export function protocolFromPb(p: pb.Protocol): Protocol {
   return p === pb.Protocol.PROTOCOL_UDP ? "udp" : "tcp";
 }
 
+function protocolToPb(p: Protocol): pb.Protocol {
+  return p === "udp" ? pb.Protocol.PROTOCOL_UDP : pb.Protocol.PROTOCOL_TCP;
+}
+
+function listenToPb(p: GuestPort): pb.ListenPort {
+  return { port: p.port, protocol: protocolToPb(p.protocol) };
+}
+
+/** Domain log chunk → wire LogChunk. */
+export function logChunkToPb(c: LogChunk): pb.LogChunk {
+  return {
+    stream: c.stream === "stdout" ? pb.LogStream.LOG_STREAM_STDOUT : pb.LogStream.LOG_STREAM_STDERR,
+    data: Buffer.from(c.data),
+    time: c.time,
+  };
+}
+
 function portToPb(p: PortMapping): pb.PortMapping {
   return {
     guestPort: p.guestPort,
     hostPort: p.hostPort,
-    protocol: p.protocol === "udp" ? pb.Protocol.PROTOCOL_UDP : pb.Protocol.PROTOCOL_TCP,
+    protocol: protocolToPb(p.protocol),
   };
 }
 
@@ -73,6 +97,7 @@ export function capsuleToPb(v: CapsuleView): pb.Capsule {
     hostAddress: r.runtime?.hostAddress ?? "",
     accelerator: r.runtime?.accelerator ?? "",
     exitCode: r.exitCode,
+    listening: (r.listening ?? []).map(listenToPb),
   };
 }
 
@@ -87,6 +112,9 @@ export function eventToPb(e: CapsuleEvent): pb.Event {
     state: STATE[e.state],
     previousState: e.previousState ? STATE[e.previousState] : pb.CapsuleState.CAPSULE_STATE_UNSPECIFIED,
     message: e.message,
+    port: e.port ? listenToPb(e.port) : undefined,
+    log: e.log ? logChunkToPb(e.log) : undefined,
+    exit: e.exit,
   };
 }
 
@@ -96,7 +124,7 @@ export function imageToPb(i: ImageInfo): ipb.Image {
   return {
     id: i.id,
     name: i.name,
-    kernel: ipb.KernelKind.KERNEL_KIND_LINUX_VM,
+    kernel: m.kernel === "capsule" ? ipb.KernelKind.KERNEL_KIND_CAPSULE : ipb.KernelKind.KERNEL_KIND_LINUX_VM,
     entrypoint: m.entrypoint,
     args: m.args,
     env: m.env,
@@ -104,5 +132,8 @@ export function imageToPb(i: ImageInfo): ipb.Image {
     sizeBytes: m.sizeBytes,
     files: m.files,
     createdAt: i.createdAt,
+    minMemoryMib: m.minMemoryMib,
+    minMemoryMeasured: m.minMemoryMeasured ?? false,
+    workdir: m.workdir ?? "/",
   };
 }

@@ -1,15 +1,18 @@
 /**
  * flexcap.v1.ImageService: thin handlers over the image builder and store.
  */
+import type { CapsuleManager } from "../capsule/manager.ts";
+import { measureImage } from "../capsule/trial.ts";
+import { KernelKind } from "../gen/flexcap/v1/image.ts";
 import type { ImageServiceServer } from "../gen/flexcap/v1/image.ts";
 import type { ImageCatalog } from "../image/catalog.ts";
 import type { Logger } from "../log.ts";
 import { imageToPb } from "./convert.ts";
 import { unary } from "./rpc.ts";
-import { BuildImageSchema, ImageRefSchema, validate } from "./validate.ts";
+import { BuildImageSchema, ImageRefSchema, MeasureImageSchema, validate } from "./validate.ts";
 
-/** Builds the ImageService implementation over `images`. */
-export function imageService(images: ImageCatalog, log: Logger): ImageServiceServer {
+/** Builds the ImageService implementation over `images` (MeasureImage boots capsules through `manager`). */
+export function imageService(images: ImageCatalog, manager: CapsuleManager, log: Logger): ImageServiceServer {
   const ref = (req: unknown) => validate(ImageRefSchema, req).image;
   return {
     buildImage: unary(log, "BuildImage", async (req) => {
@@ -21,8 +24,9 @@ export function imageService(images: ImageCatalog, log: Logger): ImageServiceSer
         env: r.env,
         files: r.files.map((f) => ({ hostPath: f.hostPath, guestPath: f.guestPath || f.hostPath })),
         defaultMemoryMib: r.defaultMemoryMib,
-        kernel: "linux-vm",
+        kernel: r.kernel === KernelKind.KERNEL_KIND_LINUX_VM ? "linux-vm" : "capsule",
         replace: r.replace,
+        workdir: r.workdir,
       });
       return { image: imageToPb(image) };
     }),
@@ -31,6 +35,14 @@ export function imageService(images: ImageCatalog, log: Logger): ImageServiceSer
     deleteImage: unary(log, "DeleteImage", async (req) => {
       await images.delete(ref(req));
       return {};
+    }),
+    measureImage: unary(log, "MeasureImage", async (req) => {
+      const r = validate(MeasureImageSchema, req);
+      const { image, steps } = await measureImage({ catalog: images, manager, log }, r);
+      return {
+        image: imageToPb(image),
+        steps: steps.map((s) => ({ memoryMib: s.memoryMib, ok: s.ok, detail: s.detail, elapsedMs: s.elapsedMs })),
+      };
     }),
   };
 }

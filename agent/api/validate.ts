@@ -59,10 +59,26 @@ export const BuildImageSchema = z.object({
   env: z.record(envKey, shortText(4096)),
   files: z.array(z.object({ hostPath: absPath, guestPath: z.union([z.literal(""), absPath]) })).max(1024),
   defaultMemoryMib: z.number().int().min(0).max(MAX_MEMORY_MIB),
-  kernel: z.number().int().min(0).max(1, "unknown kernel kind"),
+  kernel: z.number().int().min(0).max(2, "unknown kernel kind"),
   replace: z.boolean(),
+  workdir: z.union([z.literal(""), absPath]),
 });
 export const ImageRefSchema = z.object({ image: ref });
+export const StreamLogsSchema = StreamConsoleSchema;
+export const MeasureImageSchema = z.object({
+  image: ref,
+  probe: z.object(
+    {
+      guestPort: z.number().int().min(1, "expected 1-65535").max(65535, "expected 1-65535"),
+      send: z.instanceof(Uint8Array).refine((b) => b.length <= 4096, "at most 4096 bytes"),
+      expect: z.instanceof(Uint8Array).refine((b) => b.length >= 1 && b.length <= 4096, "expected 1-4096 bytes"),
+    },
+    { error: "required" },
+  ),
+  lowMib: z.number().int().min(0).max(MAX_MEMORY_MIB),
+  highMib: z.number().int().min(0).max(MAX_MEMORY_MIB),
+  attempts: z.number().int().min(0).max(10),
+}).refine((r) => r.highMib === 0 || r.lowMib <= r.highMib, { path: ["lowMib"], message: "must not exceed high_mib" });
 
 // Map fields: the segment after one of these is a user's key and stays as typed.
 const MAP_FIELDS = new Set(["env", "labels", "labelSelector"]);

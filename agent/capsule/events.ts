@@ -4,9 +4,11 @@
  * with an Unavailable error rather than growing memory without limit.
  */
 import { UnavailableError } from "../errors.ts";
+import type { GuestPort } from "../osserver/guest_messages.ts";
+import type { LogChunk } from "./app_log.ts";
 import type { CapsuleStateName } from "./states.ts";
 
-export type EventType = "created" | "state_changed" | "deleted";
+export type EventType = "created" | "state_changed" | "deleted" | "listen" | "unlisten" | "log" | "exited";
 
 /** One thing that happened to a capsule. */
 export interface CapsuleEvent {
@@ -18,6 +20,12 @@ export interface CapsuleEvent {
   state: CapsuleStateName;
   previousState?: CapsuleStateName;
   message: string;
+  /** listen, unlisten. */
+  port?: GuestPort;
+  /** log. */
+  log?: LogChunk;
+  /** exited. */
+  exit?: { code: number; signal: number };
 }
 
 type Listener = (e: CapsuleEvent) => void;

@@ -7,6 +7,7 @@ import type { ImageManifest } from "../image/manifest.ts";
 import type { Accelerator } from "../vmm/accel.ts";
 import { macForCapsule, type QemuLaunchSpec } from "../vmm/qemu_args.ts";
 import { USERMODE_GUEST } from "../net/usermode.ts";
+import { CMDLINE_DNS, CMDLINE_GW, CMDLINE_IP, CMDLINE_ROOT } from "../osserver/wire.ts";
 import type { CapsulePaths } from "./store.ts";
 import type { CapsuleRecord, PortMapping } from "./types.ts";
 
@@ -17,6 +18,8 @@ export interface LaunchHost {
   hostAddress: string;
   kernelPath: string;
   initrdPath: string;
+  /** The app's read-only root disk, if the image has one. */
+  rootfsPath?: string;
   /** Extra kernel arguments the host needs (e.g. tsc_early_khz under TCG). */
   hostCmdline: string;
   tcgTbSizeMib: number;
@@ -32,7 +35,17 @@ export function guestCommand(rec: CapsuleRecord, image: ImageManifest): { argv: 
 /** Encodes the LaunchConfig for fw_cfg. */
 export function encodeLaunchConfig(rec: CapsuleRecord, image: ImageManifest): Uint8Array {
   const { argv, env } = guestCommand(rec, image);
-  return LaunchConfig.encode({ argv, env, net: USERMODE_GUEST, capsuleId: rec.id }).finish();
+  return LaunchConfig.encode({ argv, env, capsuleId: rec.id, workdir: image.workdir ?? "" }).finish();
+}
+
+/** The guest's network identity and root device as capsule-init reads them from the kernel command line. */
+export function guestCmdline(net: { addressCidr: string; gateway: string; dns: string }, rootDisk: boolean): string {
+  const parts = [`${CMDLINE_IP}=${net.addressCidr}`];
+  if (net.gateway) parts.push(`${CMDLINE_GW}=${net.gateway}`);
+  if (net.dns) parts.push(`${CMDLINE_DNS}=${net.dns}`);
+  // virtio-blk-device is the only block device microvm gets from us, so it is always vda.
+  if (rootDisk) parts.push(`${CMDLINE_ROOT}=vda`);
+  return parts.join(" ");
 }
 
 /** The QEMU launch spec for `rec` with resolved `ports`. */
@@ -52,7 +65,9 @@ export function qemuSpec(
     vcpus: rec.spec.vcpus,
     kernelPath: host.kernelPath,
     initrdPath: host.initrdPath,
-    cmdline: [image.cmdline, host.hostCmdline].filter((s) => s !== "").join(" "),
+    rootfsPath: host.rootfsPath,
+    cmdline: [image.cmdline, host.hostCmdline, guestCmdline(USERMODE_GUEST, host.rootfsPath !== undefined)]
+      .filter((s) => s !== "").join(" "),
     acpi: image.acpi,
     macAddress: macForCapsule(rec.id),
     forwards: ports.map((p) => ({

@@ -10,13 +10,15 @@ import type { ImageStore } from "../image/store.ts";
 import type { ImageManifest } from "../image/manifest.ts";
 import type { Logger } from "../log.ts";
 import { portKey, resolvePorts } from "../net/usermode.ts";
-import { GuestChannel } from "../osserver/channel.ts";
+import { diffPorts, type GuestLog, type GuestPort } from "../osserver/guest_messages.ts";
 import { atomicWrite } from "../state/atomic.ts";
 import type { AccelChoice } from "../vmm/accel.ts";
 import type { QemuMemory } from "../vmm/process.ts";
 import { QemuVm } from "../vmm/vm.ts";
 import { checkFits, type MemoryBudget } from "./capacity.ts";
+import { AppLogWriter, type LogChunk, readAppLog } from "./app_log.ts";
 import { findKernelPanic, streamConsole } from "./console.ts";
+import { GuestLink } from "./guest_link.ts";
 import type { CapsuleEvent, EventBus } from "./events.ts";
 import { encodeLaunchConfig, type LaunchHost, qemuSpec } from "./launch.ts";
 import { KeyedMutex } from "./lock.ts";
@@ -39,8 +41,10 @@ export interface ManagerDeps {
   bus: EventBus;
   accel: AccelChoice;
   budget: MemoryBudget;
-  /** Resolves an image's kernel, initrd and host kernel arguments. */
-  bootFiles(image: ImageManifest): Promise<{ kernelPath: string; initrdPath: string; hostCmdline: string }>;
+  /** Resolves an image's kernel, initrd, root disk and host kernel arguments. */
+  bootFiles(
+    image: ImageManifest,
+  ): Promise<{ kernelPath: string; initrdPath: string; rootfsPath?: string; hostCmdline: string }>;
 }
 
 const SAVE_TIMEOUT_MS = 120_000;
@@ -51,7 +55,8 @@ const KILL_WAIT_MS = 5_000;
 export class CapsuleManager {
   #records = new Map<string, CapsuleRecord>();
   #vms = new Map<string, QemuVm>();
-  #channels = new Map<string, GuestChannel>();
+  #links = new Map<string, GuestLink>();
+  #appLogs = new Map<string, AppLogWriter>();
   #exitCodes = new Map<string, number>();
   #lock = new KeyedMutex();
   #log: Logger;
@@ -70,9 +75,11 @@ export class CapsuleManager {
 
   /** Detaches from every QEMU (they keep running) and closes guest channels. */
   close(): void {
-    for (const ch of this.#channels.values()) ch.close();
+    for (const link of this.#links.values()) link.close();
     for (const vm of this.#vms.values()) vm.detach();
-    this.#channels.clear();
+    for (const w of this.#appLogs.values()) void w.close();
+    this.#links.clear();
+    this.#appLogs.clear();
     this.#vms.clear();
   }
 
@@ -110,8 +117,11 @@ export class CapsuleManager {
     return { record: rec, memory: this.#vms.get(rec.id)?.memory() };
   }
 
-  /** Creates a capsule (not started); 0 memory/vcpus and empty args take the image's defaults. */
-  async create(name: string, input: CapsuleSpec): Promise<CapsuleView> {
+  /**
+   * Creates a capsule (not started); 0 memory/vcpus and empty args take the image's defaults.
+   * `belowImageMinimum` is for MeasureImage, which must try sizes below the recorded minimum.
+   */
+  async create(name: string, input: CapsuleSpec, opts: { belowImageMinimum?: boolean } = {}): Promise<CapsuleView> {
     if ([...this.#records.values()].some((r) => r.name === name)) throw new AlreadyExistsError("capsule", name);
     const image = await this.deps.images.get(input.image);
     const spec: CapsuleSpec = {
@@ -119,7 +129,7 @@ export class CapsuleManager {
       memoryMib: input.memoryMib || image.manifest.defaultMemoryMib,
       vcpus: input.vcpus || 1,
     };
-    if (spec.memoryMib < image.manifest.minMemoryMib) {
+    if (spec.memoryMib < image.manifest.minMemoryMib && !opts.belowImageMinimum) {
       throw new InvalidArgumentError(
         "spec.memory_mib",
         `image "${image.name}" needs at least ${image.manifest.minMemoryMib} MiB, got ${spec.memoryMib}`,
@@ -196,6 +206,8 @@ export class CapsuleManager {
   delete(ref: string): Promise<void> {
     return this.#withCapsule(ref, async (rec) => {
       requireState(rec.name, rec.state, "delete", ["created", "stopped", "saved"]);
+      await this.#appLogs.get(rec.id)?.close();
+      this.#appLogs.delete(rec.id);
       await this.deps.store.remove(rec.id);
       this.#records.delete(rec.id);
       this.#exitCodes.delete(rec.id);
@@ -298,6 +310,17 @@ export class CapsuleManager {
     });
   }
 
+  /** The app's output (see app_log.ts). */
+  logs(ref: string, fromStart: boolean, follow: boolean, signal: AbortSignal): AsyncGenerator<LogChunk> {
+    const rec = this.resolve(ref);
+    return readAppLog(this.deps.store.paths(rec.id).appLog, {
+      fromStart,
+      follow,
+      signal,
+      stillExists: () => this.#records.has(rec.id),
+    });
+  }
+
   /** Events, optionally of one capsule only. */
   async *events(ref: string, signal: AbortSignal): AsyncGenerator<CapsuleEvent> {
     const id = ref ? this.resolve(ref).id : undefined;
@@ -373,7 +396,7 @@ export class CapsuleManager {
       ports,
       hostAddress: this.deps.config.network.host_address,
     };
-    void this.#connectChannel(rec, vm);
+    this.#link(rec, vm);
     void vm.exited.then((exit) =>
       this.#lock.run(rec.id, async () => {
         if (this.#vms.get(rec.id) !== vm || exit.reason === "detached") return; // an operation already handled it
@@ -393,29 +416,55 @@ export class CapsuleManager {
     ).catch((err) => this.#log.error("exit handling failed", { capsule: rec.id, error: err }));
   }
 
-  // Connects to the guest channel, reconnecting while this QEMU lives.
-  async #connectChannel(rec: CapsuleRecord, vm: QemuVm): Promise<void> {
-    const path = this.deps.store.paths(rec.id).osSocket;
+  // Opens the OS-server link to `vm`'s guest; what the guest says lands on `rec`.
+  #link(rec: CapsuleRecord, vm: QemuVm): void {
     const log = this.#log.with({ capsule: rec.id, component: "osserver" });
-    while (this.#vms.get(rec.id) === vm) {
-      try {
-        const ch = await GuestChannel.connect(path, log, {
-          onExited: (code, signal) => this.#exitCodes.set(rec.id, signal ? 128 + signal : code),
-        });
-        this.#channels.set(rec.id, ch);
-        await ch.done;
-        if (this.#channels.get(rec.id) === ch) this.#channels.delete(rec.id);
-      } catch (err) {
-        log.debug("os channel connect failed; retrying", { error: err });
-      }
-      await new Promise((r) => setTimeout(r, 500));
+    const current = () => this.#vms.get(rec.id) === vm;
+    const link = new GuestLink(this.deps.store.paths(rec.id).osSocket, log, {
+      onExited: (code, signal) => {
+        this.#exitCodes.set(rec.id, signal ? 128 + signal : code);
+        if (current()) this.#publish(rec, "exited", undefined, exitText(code, signal), { exit: { code, signal } });
+      },
+      onPorts: (ports) => void this.#lock.run(rec.id, async () => current() && await this.#setListening(rec, ports)),
+      onLog: (chunk) => {
+        if (current()) this.#appendLog(rec, chunk);
+      },
+    });
+    this.#links.set(rec.id, link);
+  }
+
+  #appendLog(rec: CapsuleRecord, chunk: GuestLog): void {
+    let w = this.#appLogs.get(rec.id);
+    if (!w) {
+      const path = this.deps.store.paths(rec.id).appLog;
+      w = new AppLogWriter(path, (err) => this.#log.warn("app log write failed", { capsule: rec.id, error: err }));
+      this.#appLogs.set(rec.id, w);
     }
+    const stored = w.append(chunk);
+    this.#publish(rec, "log", undefined, `${chunk.data.length} bytes on ${chunk.stream}`, { log: stored });
+  }
+
+  // Records the guest's listening set and publishes what changed; persisted so the network
+  // layer can rebuild exposure from the state dir after an agent restart.
+  async #setListening(rec: CapsuleRecord, ports: GuestPort[]): Promise<void> {
+    const { added, removed } = diffPorts(rec.listening ?? [], ports);
+    if (added.length === 0 && removed.length === 0) return;
+    rec.listening = ports;
+    await this.deps.store.save(rec);
+    for (const p of removed) {
+      this.#publish(rec, "unlisten", undefined, `stopped listening on ${p.port}/${p.protocol}`, { port: p });
+    }
+    for (const p of added) this.#publish(rec, "listen", undefined, `listening on ${p.port}/${p.protocol}`, { port: p });
+    this.#log.info("guest listening set changed", {
+      capsule: rec.id,
+      listening: ports.map((p) => `${p.port}/${p.protocol}`),
+    });
   }
 
   #forget(id: string): void {
     this.#vms.delete(id);
-    this.#channels.get(id)?.close();
-    this.#channels.delete(id);
+    this.#links.get(id)?.close();
+    this.#links.delete(id);
   }
 
   // Ends a QEMU the manager is done with (after save): quit, then kill if it lingers.
@@ -429,11 +478,12 @@ export class CapsuleManager {
     const vm = this.#vm(rec);
     const wasPaused = rec.state === "paused";
     await this.#setState(rec, "stopping", `stopping (grace ${graceMs} ms)`);
-    const ch = this.#channels.get(rec.id);
     let how = "guest powered off";
     if (wasPaused) await vm.resume().catch(() => {}); // a paused guest cannot act on the request
-    if (ch) ch.requestShutdown(graceMs);
-    else await vm.qmp.execute("system_powerdown").catch(() => {});
+    if (!this.#links.get(rec.id)?.requestShutdown(graceMs)) {
+      how = "guest powered off (no os channel: ACPI power button)";
+      await vm.qmp.execute("system_powerdown").catch(() => {});
+    }
     // Give the guest the grace period plus time to power off after its app exits.
     const exited = await Promise.race([
       vm.exited.then(() => true),
@@ -456,12 +506,29 @@ export class CapsuleManager {
     rec.state = to;
     rec.stateReason = reason;
     rec.updatedAt = new Date().toISOString();
+    const gone = !QEMU_STATES.has(to) ? this.#clearListening(rec) : [];
     if (!QEMU_STATES.has(to)) rec.runtime = undefined;
     await this.deps.store.save(rec);
+    for (const p of gone) {
+      this.#publish(rec, "unlisten", undefined, `stopped listening on ${p.port}/${p.protocol}: ${reason}`, { port: p });
+    }
     this.#publish(rec, "state_changed", from, reason);
   }
 
-  #publish(rec: CapsuleRecord, type: CapsuleEvent["type"], prev: CapsuleStateName | undefined, msg: string): void {
+  // Without a QEMU nothing listens; the caller persists and publishes.
+  #clearListening(rec: CapsuleRecord): GuestPort[] {
+    const gone = rec.listening ?? [];
+    rec.listening = undefined;
+    return gone;
+  }
+
+  #publish(
+    rec: CapsuleRecord,
+    type: CapsuleEvent["type"],
+    prev: CapsuleStateName | undefined,
+    msg: string,
+    extra: Pick<CapsuleEvent, "port" | "log" | "exit"> = {},
+  ): void {
     this.deps.bus.publish({
       type,
       capsuleId: rec.id,
@@ -469,6 +536,7 @@ export class CapsuleManager {
       state: rec.state,
       previousState: prev,
       message: msg,
+      ...extra,
     });
   }
 
@@ -525,4 +593,8 @@ export class CapsuleManager {
     await this.deps.store.save(rec);
     this.#publish(rec, "state_changed", from, reason);
   }
+}
+
+function exitText(code: number, signal: number): string {
+  return signal ? `app killed by signal ${signal}` : `app exited with code ${code}`;
 }

@@ -45,6 +45,7 @@ const RecordSchema = z.object({
       hostAddress: z.string(),
     }).optional(),
     exitCode: z.number().int().optional(),
+    listening: z.array(z.object({ port: z.number().int(), protocol: z.enum(["tcp", "udp"]) })).optional(),
     savedFrom: z.enum(["running", "paused"]).optional(),
   }),
 });
@@ -56,6 +57,8 @@ export interface CapsulePaths {
   qmpSocket: string;
   osSocket: string;
   console: string;
+  /** The app's stdout/stderr (see app_log.ts). */
+  appLog: string;
   launchConfig: string;
   pidFile: string;
   stateFile: string;
@@ -77,6 +80,7 @@ export class CapsuleStore {
       qmpSocket: join(dir, "qmp.sock"),
       osSocket: join(dir, "os.sock"),
       console: join(dir, "console.log"),
+      appLog: join(dir, "app.log"),
       launchConfig: join(dir, "launch.bin"),
       pidFile: join(dir, "qemu.pid"),
       stateFile: join(dir, "state.bin"),

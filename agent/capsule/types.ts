@@ -2,6 +2,7 @@
  * Plain domain types of a capsule. The wire types live in agent/gen and are converted
  * in agent/api/convert.ts; nothing here knows about protobuf.
  */
+import type { GuestPort } from "../osserver/guest_messages.ts";
 import type { CapsuleStateName } from "./states.ts";
 
 export type Protocol = "tcp" | "udp";
@@ -47,6 +48,8 @@ export interface CapsuleRecord {
   updatedAt: string;
   runtime?: VmRuntime;
   exitCode?: number;
+  /** Ports the app listens on, as capsule-init last reported them; empty while no QEMU runs. */
+  listening?: GuestPort[];
   /** Run state at the moment of the last save, restored with it. */
   savedFrom?: "running" | "paused";
 }

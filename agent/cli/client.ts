@@ -24,7 +24,7 @@ type Promisified<C> = {
 };
 
 // Server-streaming methods return their stream; every other method is unary.
-const STREAMING = new Set(["watchEvents", "streamConsole"]);
+const STREAMING = new Set(["watchEvents", "streamConsole", "streamLogs"]);
 
 function promisify<C extends grpc.Client>(client: C): Promisified<C> {
   return new Proxy(client, {

@@ -3,17 +3,20 @@
  *
  *   flexcap [--api ADDR] [--json] capsule create NAME --image IMG [--memory MIB] [--vcpus N]
  *           [--port HOST:GUEST[/udp]]… [--env K=V]… [--label K=V]… [-- ARGS…]
- *   flexcap capsule list|get|start|stop|delete|pause|resume|save|restore|logs [-f] NAME
- *   flexcap image build NAME --exec PATH [--file HOST[:GUEST]]… [--env K=V]… [--memory MIB] [--replace] [-- ARGS…]
+ *   flexcap capsule list|get|start|stop|delete|pause|resume|save|restore|logs [-f]|console [-f] NAME
+ *   flexcap image build NAME --exec PATH [--kernel capsule|linux-vm] [--workdir DIR] [--file HOST[:GUEST]]…
+ *           [--env K=V]… [--memory MIB] [--replace] [-- ARGS…]
+ *   flexcap image measure NAME --port GUEST --expect TEXT [--send TEXT] [--low MIB] [--high MIB] [--attempts N]
  *   flexcap image list|get|delete NAME
  *   flexcap events [CAPSULE]
  *   flexcap info
  */
+import { Buffer } from "node:buffer";
 import { parseArgs } from "node:util";
 import type { ServiceError } from "@grpc/grpc-js";
 import { status } from "@grpc/grpc-js";
-import { type Capsule, CapsuleState, type Event, Protocol } from "../gen/flexcap/v1/capsule.ts";
-import type { Image } from "../gen/flexcap/v1/image.ts";
+import { type Capsule, CapsuleState, type Event, EventType, LogStream, Protocol } from "../gen/flexcap/v1/capsule.ts";
+import { type Image, KernelKind } from "../gen/flexcap/v1/image.ts";
 import { connect, DEFAULT_API, type FlexcapClient } from "./client.ts";
 import { enumName, json, mib, table } from "./format.ts";
 
@@ -23,8 +26,12 @@ const USAGE = `usage: flexcap [--api ADDR] [--json] <noun> <verb> [args]
   capsule list [--label K=V]...
   capsule get|start|pause|resume|save|restore|delete NAME
   capsule stop NAME [--grace-ms MS]
-  capsule logs NAME [-f]
-  image build NAME --exec PATH [--file HOST[:GUEST]]... [--env K=V]... [--memory MIB] [--replace] [-- ARGS...]
+  capsule logs NAME [-f]       the app's stdout/stderr
+  capsule console NAME [-f]    the guest's serial console
+  image build NAME --exec PATH [--kernel capsule|linux-vm] [--workdir DIR] [--file HOST[:GUEST]]...
+                   [--env K=V]... [--memory MIB] [--replace] [-- ARGS...]
+  image measure NAME --port GUEST --expect TEXT [--send TEXT] [--low MIB] [--high MIB] [--attempts N]
+                   (TEXT understands \r and \n)
   image list
   image get|delete NAME
   events [CAPSULE]
@@ -59,27 +66,49 @@ function capsuleRow(c: Capsule): string[] {
   const memory = c.memory
     ? `${c.spec?.memoryMib}M (+${Math.round(c.memory.qemuOverheadKib / 1024)}M)`
     : `${c.spec?.memoryMib}M`;
-  return [c.name, c.id, stateName(c.state), memory, c.qemuPid ? String(c.qemuPid) : "-", ports || "-", c.stateReason];
+  const listening = c.listening.map((p) => `${p.port}/${p.protocol === Protocol.PROTOCOL_UDP ? "udp" : "tcp"}`);
+  return [
+    c.name,
+    c.id,
+    stateName(c.state),
+    memory,
+    c.qemuPid ? String(c.qemuPid) : "-",
+    ports || "-",
+    listening.join(",") || "-",
+    c.stateReason,
+  ];
 }
 
 function printCapsules(list: Capsule[], asJson: boolean): void {
   if (asJson) return console.log(json(list.length === 1 ? list[0] : list));
-  console.log(table(["NAME", "ID", "STATE", "MEMORY", "PID", "PORTS", "REASON"], list.map(capsuleRow)));
+  console.log(table(["NAME", "ID", "STATE", "MEMORY", "PID", "PORTS", "LISTENING", "REASON"], list.map(capsuleRow)));
 }
 
 function printImages(list: Image[], asJson: boolean): void {
   if (asJson) return console.log(json(list.length === 1 ? list[0] : list));
   console.log(table(
-    ["NAME", "ID", "ENTRYPOINT", "MEMORY", "SIZE"],
-    list.map((i) => [i.name, i.id.slice(0, 19), i.entrypoint, `${i.defaultMemoryMib}M`, mib(i.sizeBytes)]),
+    ["NAME", "ID", "KERNEL", "ENTRYPOINT", "MEMORY", "MIN", "SIZE"],
+    list.map((i) => [
+      i.name,
+      i.id.slice(0, 19),
+      enumName(KernelKind, i.kernel, "KERNEL_KIND_"),
+      i.entrypoint,
+      `${i.defaultMemoryMib}M`,
+      `${i.minMemoryMib}M${i.minMemoryMeasured ? "" : " (est.)"}`,
+      mib(i.sizeBytes),
+    ]),
   ));
 }
 
 function printEvent(e: Event, asJson: boolean): void {
   if (asJson) return console.log(JSON.stringify(e));
-  console.log(
-    `${e.time?.toISOString()}  ${e.capsuleName}  ${stateName(e.previousState)} -> ${stateName(e.state)}  ${e.message}`,
-  );
+  const what = e.type === EventType.EVENT_TYPE_STATE_CHANGED
+    ? `${stateName(e.previousState)} -> ${stateName(e.state)}`
+    : enumName(EventType, e.type, "EVENT_TYPE_");
+  const text = e.type === EventType.EVENT_TYPE_LOG && e.log
+    ? new TextDecoder().decode(e.log.data).trimEnd()
+    : e.message;
+  console.log(`${e.time?.toISOString()}  ${e.capsuleName}  ${what}  ${text}`);
 }
 
 async function run(c: FlexcapClient, noun: string, verb: string | undefined, rest: string[], asJson: boolean) {
@@ -160,18 +189,23 @@ async function run(c: FlexcapClient, noun: string, verb: string | undefined, res
       case "delete":
         await c.capsules.deleteCapsule({ capsule: name() });
         return asJson ? console.log("{}") : console.error(`deleted ${rest[0]}`);
-      case "logs": {
+      case "logs":
+      case "console": {
         const { values, positionals } = parseArgs({
           args: rest,
           allowPositionals: true,
           options: { follow: { type: "boolean", short: "f" } },
         });
-        const stream = c.raw.capsules.streamConsole({
-          capsule: positionals[0] ?? name(),
-          fromStart: true,
-          follow: Boolean(values.follow),
-        });
-        for await (const msg of stream) await Deno.stdout.write(msg.data);
+        const req = { capsule: positionals[0] ?? name(), fromStart: true, follow: Boolean(values.follow) };
+        if (verb === "console") {
+          for await (const msg of c.raw.capsules.streamConsole(req)) await Deno.stdout.write(msg.data);
+          return;
+        }
+        for await (const { chunk } of c.raw.capsules.streamLogs(req)) {
+          if (!chunk) continue;
+          const out = chunk.stream === LogStream.LOG_STREAM_STDERR ? Deno.stderr : Deno.stdout;
+          await out.write(chunk.data);
+        }
         return;
       }
     }
@@ -188,9 +222,17 @@ async function run(c: FlexcapClient, noun: string, verb: string | undefined, res
             env: { type: "string", multiple: true },
             memory: { type: "string" },
             replace: { type: "boolean" },
+            kernel: { type: "string" },
+            workdir: { type: "string" },
           },
         });
         if (!positionals[0] || !values.exec) throw new UsageError("image build NAME --exec PATH");
+        const kernels: Record<string, KernelKind> = {
+          capsule: KernelKind.KERNEL_KIND_CAPSULE,
+          "linux-vm": KernelKind.KERNEL_KIND_LINUX_VM,
+        };
+        const kernel = kernels[values.kernel ?? "capsule"];
+        if (kernel === undefined) throw new UsageError(`--kernel expects capsule or linux-vm, got "${values.kernel}"`);
         const r = await c.images.buildImage({
           name: positionals[0],
           executable: values.exec,
@@ -201,10 +243,45 @@ async function run(c: FlexcapClient, noun: string, verb: string | undefined, res
             return { hostPath, guestPath };
           }),
           defaultMemoryMib: Number(values.memory ?? 0),
-          kernel: 0,
+          kernel,
           replace: Boolean(values.replace),
+          workdir: values.workdir ?? "",
         });
         return printImages([r.image!], asJson);
+      }
+      case "measure": {
+        const { values, positionals } = parseArgs({
+          args: rest,
+          allowPositionals: true,
+          options: {
+            port: { type: "string" },
+            send: { type: "string" },
+            expect: { type: "string" },
+            low: { type: "string" },
+            high: { type: "string" },
+            attempts: { type: "string" },
+          },
+        });
+        if (!positionals[0] || !values.port || !values.expect) {
+          throw new UsageError("image measure NAME --port GUEST --expect TEXT");
+        }
+        const bytes = (t = "") => new TextEncoder().encode(t.replaceAll("\\r", "\r").replaceAll("\\n", "\n"));
+        const r = await c.images.measureImage({
+          image: positionals[0],
+          probe: {
+            guestPort: Number(values.port),
+            send: Buffer.from(bytes(values.send)),
+            expect: Buffer.from(bytes(values.expect)),
+          },
+          lowMib: Number(values.low ?? 0),
+          highMib: Number(values.high ?? 0),
+          attempts: Number(values.attempts ?? 0),
+        });
+        if (asJson) return console.log(json(r));
+        for (const s of r.steps) {
+          console.error(`${s.memoryMib} MiB: ${s.ok ? "ok" : "FAIL"} (${s.elapsedMs} ms) ${s.detail}`);
+        }
+        return printImages([r.image!], false);
       }
       case "list":
         return printImages((await c.images.listImages({})).images, asJson);

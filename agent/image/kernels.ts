@@ -1,16 +1,28 @@
 /**
- * Guest kernels. "linux-vm" is Debian's stock cloud kernel, fetched with apt (the only
- * source these machines reach) and cached by package version outside the state dir. Its
- * virtio drivers are modules; capsule-init loads them from /lib/modules/flexcap in order.
+ * Guest kernels. "capsule" is our tiny kernel (capsule-os/kernel), built once from
+ * Debian's linux-source by build.sh and cached by the hash of its config; QEMU loads its
+ * uncompressed vmlinux directly (PVH). "linux-vm" is Debian's stock cloud kernel, fetched
+ * with apt (the only source these machines reach) and cached by package version; its
+ * virtio drivers are modules that capsule-init loads from /lib/modules/flexcap in order.
  */
 import { execa } from "execa";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { UnavailableError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 
+/** Sizes an image's minimum memory depends on (MiB). */
+export interface ImageSizes {
+  initrdMib: number;
+  appMib: number;
+}
+
 /** A kernel ready to pack: vmlinuz plus the modules the guest must load, in order. */
 export interface KernelFiles {
+  kind: "capsule" | "linux-vm";
   vmlinuz: string;
+  /** The app goes on a read-only erofs disk rather than into the initramfs. */
+  rootDisk: boolean;
   /** Host paths of uncompressed .ko files, in load order. */
   modules: string[];
   /** Kernel arguments this kernel always needs. */
@@ -18,8 +30,8 @@ export interface KernelFiles {
   acpi: boolean;
   /** RAM an image gets unless it asks for more. */
   defaultMemoryMib: number;
-  /** Smallest RAM this kernel boots into with an initramfs of `initrdMib`. */
-  minMemoryMib(initrdMib: number): number;
+  /** Estimated smallest RAM an image of these sizes runs in (MeasureImage finds the real one). */
+  minMemoryMib(sizes: ImageSizes): number;
 }
 
 const META_PACKAGE = "linux-image-cloud-amd64";
@@ -69,7 +81,9 @@ export async function ensureLinuxVmKernel(cacheDir: string, log: Logger): Promis
   const kver = (await readDirNames(join(dest, "lib", "modules")))[0];
   const vmlinuz = join(dest, "boot", (await readDirNames(join(dest, "boot"))).find((n) => n.startsWith("vmlinuz-"))!);
   return {
+    kind: "linux-vm",
     vmlinuz,
+    rootDisk: false,
     modules: LINUX_VM_MODULES.map((m) => join(dest, "lib", "modules", kver, m)),
     // quiet keeps the console readable; panic=-1 + -no-reboot turns a guest panic into a QEMU exit.
     cmdline: "console=ttyS0 quiet panic=-1 random.trust_cpu=on",
@@ -78,9 +92,50 @@ export async function ensureLinuxVmKernel(cacheDir: string, log: Logger): Promis
     defaultMemoryMib: 128,
     // Measured under TCG: httpd (2.6 MiB initramfs) boots from 80 MiB, redis (18 MiB) from 112 MiB;
     // the initramfs is held twice while the kernel unpacks it.
-    minMemoryMib: (initrdMib) => Math.max(80, 76 + Math.ceil(2 * initrdMib)),
+    minMemoryMib: ({ initrdMib }) => Math.max(80, 76 + Math.ceil(2 * initrdMib)),
   };
 }
+
+/** capsule-os/kernel/build.sh of this checkout (FLEXCAP_KERNEL_BUILD overrides it). */
+export function defaultCapsuleKernelBuild(): string {
+  return Deno.env.get("FLEXCAP_KERNEL_BUILD") ??
+    fileURLToPath(new URL("../../capsule-os/kernel/build.sh", import.meta.url));
+}
+
+/**
+ * Ensures the capsule kernel is built and cached under `cacheDir` (build.sh is a no-op on
+ * a cache hit; the first build takes minutes); returns its files.
+ */
+export async function ensureCapsuleKernel(cacheDir: string, buildScript: string, log: Logger): Promise<KernelFiles> {
+  log.info("ensuring the capsule kernel (first build takes a few minutes)", { script: buildScript });
+  const r = await execa("bash", [buildScript], {
+    reject: false,
+    stdin: "ignore",
+    env: { FLEXCAP_CACHE_DIR: cacheDir },
+  });
+  const dir = r.stdout.trim().split("\n").at(-1) ?? "";
+  if (r.exitCode !== 0 || !dir.startsWith("/")) {
+    throw new UnavailableError(
+      `building the capsule kernel failed (${buildScript}): ${(r.stderr || r.stdout).trim().slice(-600)}`,
+    );
+  }
+  return {
+    kind: "capsule",
+    vmlinuz: join(dir, "vmlinux"),
+    rootDisk: true,
+    modules: [],
+    cmdline: CAPSULE_CMDLINE,
+    acpi: false,
+    defaultMemoryMib: 32,
+    minMemoryMib: ({ appMib }) => CAPSULE_BASE_MIB + Math.ceil(appMib / 4),
+  };
+}
+
+// quiet keeps boot fast on the serial console; panic=-1 + -no-reboot make a panic end QEMU.
+const CAPSULE_CMDLINE = "console=ttyS0 quiet panic=-1";
+// Measured under TCG (see docs/design.md, bench memory): the kernel plus capsule-init and
+// a small app's working set. Estimates only: MeasureImage records the real figure.
+const CAPSULE_BASE_MIB = 8;
 
 async function readDirNames(dir: string): Promise<string[]> {
   const names: string[] = [];

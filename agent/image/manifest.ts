@@ -5,7 +5,7 @@
 import { z } from "zod";
 
 export const MANIFEST_VERSION = 1;
-export const KERNEL_KINDS = ["linux-vm"] as const;
+export const KERNEL_KINDS = ["capsule", "linux-vm"] as const;
 export type KernelKind = typeof KERNEL_KINDS[number];
 
 export const ManifestSchema = z.object({
@@ -15,16 +15,22 @@ export const ManifestSchema = z.object({
   kernelBlob: z.string().regex(/^[0-9a-f]{64}$/),
   /** sha256 hex of the initramfs blob. */
   initrdBlob: z.string().regex(/^[0-9a-f]{64}$/),
+  /** sha256 hex of the read-only erofs root disk holding the app, when it is not in the initramfs. */
+  rootfsBlob: z.string().regex(/^[0-9a-f]{64}$/).optional(),
   /** Kernel command line the kernel kind needs (console, quiet…), without per-capsule parts. */
   cmdline: z.string(),
   /** microvm's ACPI setting for this kernel. */
   acpi: z.boolean(),
   entrypoint: z.string(),
+  /** Directory the app starts in. */
+  workdir: z.string().optional(),
   args: z.array(z.string()),
   env: z.record(z.string(), z.string()),
   defaultMemoryMib: z.number().int().positive(),
   /** Guest RAM below which the image cannot boot (kernel needs + the initramfs unpacked). */
   minMemoryMib: z.number().int().positive(),
+  /** True when minMemoryMib was measured by booting the image, not estimated. */
+  minMemoryMeasured: z.boolean().optional(),
   /** Paths packed besides the init, for people and tests. */
   files: z.array(z.string()),
   sizeBytes: z.number().int().nonnegative(),

@@ -143,9 +143,11 @@ export class ImageStore {
       }
       const m = await this.#readManifest(id);
       blobs.add(m.kernelBlob).add(m.initrdBlob);
+      if (m.rootfsBlob) blobs.add(m.rootfsBlob);
     }
     for await (const e of Deno.readDir(join(this.root, "blobs"))) {
-      if (!blobs.has(e.name)) await Deno.remove(join(this.root, "blobs", e.name));
+      // Dot files are builds in progress.
+      if (!blobs.has(e.name) && !e.name.startsWith(".")) await Deno.remove(join(this.root, "blobs", e.name));
     }
   }
 }

@@ -27,6 +27,8 @@ export interface QemuLaunchSpec {
   vcpus: number;
   kernelPath: string;
   initrdPath: string;
+  /** Read-only raw disk with the app's files (virtio-blk), if the image has one. */
+  rootfsPath?: string;
   cmdline: string;
   acpi: boolean;
   macAddress: string;
@@ -98,6 +100,15 @@ export function buildQemuArgs(spec: QemuLaunchSpec): string[] {
     spec.pidFile,
     "-daemonize",
   ];
+  if (spec.rootfsPath) {
+    // Read-only and shareable: many capsules (and a migration's two ends) use one image file.
+    args.push(
+      "-drive",
+      `if=none,id=root,file=${spec.rootfsPath},format=raw,readonly=on,file.locking=off`,
+      "-device",
+      "virtio-blk-device,drive=root",
+    );
+  }
   if (spec.incoming) args.push("-incoming", "defer");
   return args;
 }

@@ -55,3 +55,11 @@ Deno.test("capsule MACs are stable, unicast and locally administered", () => {
   assert.equal(first & 1, 0);
   assert.equal(first & 2, 2);
 });
+
+Deno.test("a root disk is attached read-only as the only virtio-blk device", () => {
+  assert.ok(!buildQemuArgs(base).includes("-drive"));
+  const a = buildQemuArgs({ ...base, rootfsPath: "/s/blobs/abc" });
+  const drive = a[a.indexOf("-drive") + 1];
+  assert.match(drive, /file=\/s\/blobs\/abc,format=raw,readonly=on/);
+  assert.equal(a[a.indexOf("-drive") + 3], "virtio-blk-device,drive=root");
+});

@@ -157,6 +157,46 @@ export function protocolToJSON(object: Protocol): string {
   }
 }
 
+/** Which output of the app a log chunk comes from. */
+export enum LogStream {
+  LOG_STREAM_UNSPECIFIED = 0,
+  LOG_STREAM_STDOUT = 1,
+  LOG_STREAM_STDERR = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function logStreamFromJSON(object: any): LogStream {
+  switch (object) {
+    case 0:
+    case "LOG_STREAM_UNSPECIFIED":
+      return LogStream.LOG_STREAM_UNSPECIFIED;
+    case 1:
+    case "LOG_STREAM_STDOUT":
+      return LogStream.LOG_STREAM_STDOUT;
+    case 2:
+    case "LOG_STREAM_STDERR":
+      return LogStream.LOG_STREAM_STDERR;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return LogStream.UNRECOGNIZED;
+  }
+}
+
+export function logStreamToJSON(object: LogStream): string {
+  switch (object) {
+    case LogStream.LOG_STREAM_UNSPECIFIED:
+      return "LOG_STREAM_UNSPECIFIED";
+    case LogStream.LOG_STREAM_STDOUT:
+      return "LOG_STREAM_STDOUT";
+    case LogStream.LOG_STREAM_STDERR:
+      return "LOG_STREAM_STDERR";
+    case LogStream.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Kind of a capsule event. */
 export enum EventType {
   EVENT_TYPE_UNSPECIFIED = 0,
@@ -166,6 +206,14 @@ export enum EventType {
   EVENT_TYPE_STATE_CHANGED = 2,
   /** EVENT_TYPE_DELETED - The capsule was deleted. */
   EVENT_TYPE_DELETED = 3,
+  /** EVENT_TYPE_LISTEN - The app started listening on a port (Event.port). */
+  EVENT_TYPE_LISTEN = 4,
+  /** EVENT_TYPE_UNLISTEN - The app stopped listening on a port (Event.port). */
+  EVENT_TYPE_UNLISTEN = 5,
+  /** EVENT_TYPE_LOG - The app wrote output (Event.log). */
+  EVENT_TYPE_LOG = 6,
+  /** EVENT_TYPE_EXITED - The app exited (Event.exit); the guest powers off next. */
+  EVENT_TYPE_EXITED = 7,
   UNRECOGNIZED = -1,
 }
 
@@ -183,6 +231,18 @@ export function eventTypeFromJSON(object: any): EventType {
     case 3:
     case "EVENT_TYPE_DELETED":
       return EventType.EVENT_TYPE_DELETED;
+    case 4:
+    case "EVENT_TYPE_LISTEN":
+      return EventType.EVENT_TYPE_LISTEN;
+    case 5:
+    case "EVENT_TYPE_UNLISTEN":
+      return EventType.EVENT_TYPE_UNLISTEN;
+    case 6:
+    case "EVENT_TYPE_LOG":
+      return EventType.EVENT_TYPE_LOG;
+    case 7:
+    case "EVENT_TYPE_EXITED":
+      return EventType.EVENT_TYPE_EXITED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -200,6 +260,14 @@ export function eventTypeToJSON(object: EventType): string {
       return "EVENT_TYPE_STATE_CHANGED";
     case EventType.EVENT_TYPE_DELETED:
       return "EVENT_TYPE_DELETED";
+    case EventType.EVENT_TYPE_LISTEN:
+      return "EVENT_TYPE_LISTEN";
+    case EventType.EVENT_TYPE_UNLISTEN:
+      return "EVENT_TYPE_UNLISTEN";
+    case EventType.EVENT_TYPE_LOG:
+      return "EVENT_TYPE_LOG";
+    case EventType.EVENT_TYPE_EXITED:
+      return "EVENT_TYPE_EXITED";
     case EventType.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -287,7 +355,34 @@ export interface Capsule {
   /** Accelerator QEMU uses for this capsule ("kvm" or "tcg"). */
   accelerator: string;
   /** Exit code of the app's last run, when it exited by itself. */
-  exitCode?: number | undefined;
+  exitCode?:
+    | number
+    | undefined;
+  /** Ports the app listens on inside the capsule, as capsule-init last reported them. */
+  listening: ListenPort[];
+}
+
+/** A port a capsule's app listens on. */
+export interface ListenPort {
+  port: number;
+  protocol: Protocol;
+}
+
+/** A chunk of the app's output. */
+export interface LogChunk {
+  stream: LogStream;
+  /** Raw bytes, as the app wrote them (at most 16 KiB per chunk). */
+  data: Buffer;
+  /** When the agent received it. */
+  time: Date | undefined;
+}
+
+/** How the app ended. */
+export interface ExitStatus {
+  /** Exit code when the app exited normally. */
+  code: number;
+  /** Signal number when a signal killed it, else 0. */
+  signal: number;
 }
 
 export interface CreateCapsuleRequest {
@@ -414,6 +509,16 @@ export interface Event {
   previousState: CapsuleState;
   /** Why it happened. */
   message: string;
+  /** LISTEN, UNLISTEN: the port. */
+  port:
+    | ListenPort
+    | undefined;
+  /** LOG: the output. */
+  log:
+    | LogChunk
+    | undefined;
+  /** EXITED: how the app ended. */
+  exit: ExitStatus | undefined;
 }
 
 export interface StreamConsoleRequest {
@@ -428,6 +533,19 @@ export interface StreamConsoleRequest {
 export interface StreamConsoleResponse {
   /** Raw console bytes, in order. */
   data: Buffer;
+}
+
+export interface StreamLogsRequest {
+  /** Id or name. */
+  capsule: string;
+  /** Send the output logged so far (the agent keeps the last few MiB). */
+  fromStart: boolean;
+  /** Keep the stream open and send new output as it comes. */
+  follow: boolean;
+}
+
+export interface StreamLogsResponse {
+  chunk: LogChunk | undefined;
 }
 
 function createBasePortMapping(): PortMapping {
@@ -1089,6 +1207,7 @@ function createBaseCapsule(): Capsule {
     hostAddress: "",
     accelerator: "",
     exitCode: undefined,
+    listening: [],
   };
 }
 
@@ -1135,6 +1254,9 @@ export const Capsule: MessageFns<Capsule> = {
     }
     if (message.exitCode !== undefined) {
       writer.uint32(112).int32(message.exitCode);
+    }
+    for (const v of message.listening) {
+      ListenPort.encode(v!, writer.uint32(122).fork()).join();
     }
     return writer;
   },
@@ -1264,6 +1386,14 @@ export const Capsule: MessageFns<Capsule> = {
             message.exitCode = reader.int32();
             continue;
           }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.listening.push(ListenPort.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1322,6 +1452,9 @@ export const Capsule: MessageFns<Capsule> = {
         : isSet(object.exit_code)
         ? globalThis.Number(object.exit_code)
         : undefined,
+      listening: globalThis.Array.isArray(object?.listening)
+        ? object.listening.map((e: any) => ListenPort.fromJSON(e))
+        : [],
     };
   },
 
@@ -1369,6 +1502,9 @@ export const Capsule: MessageFns<Capsule> = {
     if (message.exitCode !== undefined) {
       obj.exitCode = Math.round(message.exitCode);
     }
+    if (message.listening?.length) {
+      obj.listening = message.listening.map((e) => ListenPort.toJSON(e));
+    }
     return obj;
   },
 
@@ -1395,6 +1531,278 @@ export const Capsule: MessageFns<Capsule> = {
     message.hostAddress = object.hostAddress ?? "";
     message.accelerator = object.accelerator ?? "";
     message.exitCode = object.exitCode ?? undefined;
+    message.listening = object.listening?.map((e) => ListenPort.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseListenPort(): ListenPort {
+  return { port: 0, protocol: 0 };
+}
+
+export const ListenPort: MessageFns<ListenPort> = {
+  encode(message: ListenPort, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.port !== 0) {
+      writer.uint32(8).uint32(message.port);
+    }
+    if (message.protocol !== 0) {
+      writer.uint32(16).int32(message.protocol);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListenPort {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListenPort();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.port = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.protocol = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListenPort {
+    return {
+      port: isSet(object.port) ? globalThis.Number(object.port) : 0,
+      protocol: isSet(object.protocol) ? protocolFromJSON(object.protocol) : 0,
+    };
+  },
+
+  toJSON(message: ListenPort): unknown {
+    const obj: any = {};
+    if (message.port !== 0) {
+      obj.port = Math.round(message.port);
+    }
+    if (message.protocol !== 0) {
+      obj.protocol = protocolToJSON(message.protocol);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListenPort>, I>>(base?: I): ListenPort {
+    return ListenPort.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListenPort>, I>>(object: I): ListenPort {
+    const message = createBaseListenPort();
+    message.port = object.port ?? 0;
+    message.protocol = object.protocol ?? 0;
+    return message;
+  },
+};
+
+function createBaseLogChunk(): LogChunk {
+  return { stream: 0, data: Buffer.alloc(0), time: undefined };
+}
+
+export const LogChunk: MessageFns<LogChunk> = {
+  encode(message: LogChunk, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.stream !== 0) {
+      writer.uint32(8).int32(message.stream);
+    }
+    if (message.data.length !== 0) {
+      writer.uint32(18).bytes(message.data);
+    }
+    if (message.time !== undefined) {
+      Timestamp.encode(toTimestamp(message.time), writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LogChunk {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLogChunk();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.stream = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.time = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LogChunk {
+    return {
+      stream: isSet(object.stream) ? logStreamFromJSON(object.stream) : 0,
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      time: isSet(object.time) ? fromJsonTimestamp(object.time) : undefined,
+    };
+  },
+
+  toJSON(message: LogChunk): unknown {
+    const obj: any = {};
+    if (message.stream !== 0) {
+      obj.stream = logStreamToJSON(message.stream);
+    }
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    if (message.time !== undefined) {
+      obj.time = message.time.toISOString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<LogChunk>, I>>(base?: I): LogChunk {
+    return LogChunk.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<LogChunk>, I>>(object: I): LogChunk {
+    const message = createBaseLogChunk();
+    message.stream = object.stream ?? 0;
+    message.data = object.data ?? Buffer.alloc(0);
+    message.time = object.time ?? undefined;
+    return message;
+  },
+};
+
+function createBaseExitStatus(): ExitStatus {
+  return { code: 0, signal: 0 };
+}
+
+export const ExitStatus: MessageFns<ExitStatus> = {
+  encode(message: ExitStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.code !== 0) {
+      writer.uint32(8).int32(message.code);
+    }
+    if (message.signal !== 0) {
+      writer.uint32(16).int32(message.signal);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ExitStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseExitStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.code = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.signal = reader.int32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ExitStatus {
+    return {
+      code: isSet(object.code) ? globalThis.Number(object.code) : 0,
+      signal: isSet(object.signal) ? globalThis.Number(object.signal) : 0,
+    };
+  },
+
+  toJSON(message: ExitStatus): unknown {
+    const obj: any = {};
+    if (message.code !== 0) {
+      obj.code = Math.round(message.code);
+    }
+    if (message.signal !== 0) {
+      obj.signal = Math.round(message.signal);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ExitStatus>, I>>(base?: I): ExitStatus {
+    return ExitStatus.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ExitStatus>, I>>(object: I): ExitStatus {
+    const message = createBaseExitStatus();
+    message.code = object.code ?? 0;
+    message.signal = object.signal ?? 0;
     return message;
   },
 };
@@ -3075,7 +3483,19 @@ export const WatchEventsResponse: MessageFns<WatchEventsResponse> = {
 };
 
 function createBaseEvent(): Event {
-  return { seq: 0, time: undefined, type: 0, capsuleId: "", capsuleName: "", state: 0, previousState: 0, message: "" };
+  return {
+    seq: 0,
+    time: undefined,
+    type: 0,
+    capsuleId: "",
+    capsuleName: "",
+    state: 0,
+    previousState: 0,
+    message: "",
+    port: undefined,
+    log: undefined,
+    exit: undefined,
+  };
 }
 
 export const Event: MessageFns<Event> = {
@@ -3103,6 +3523,15 @@ export const Event: MessageFns<Event> = {
     }
     if (message.message !== "") {
       writer.uint32(66).string(message.message);
+    }
+    if (message.port !== undefined) {
+      ListenPort.encode(message.port, writer.uint32(74).fork()).join();
+    }
+    if (message.log !== undefined) {
+      LogChunk.encode(message.log, writer.uint32(82).fork()).join();
+    }
+    if (message.exit !== undefined) {
+      ExitStatus.encode(message.exit, writer.uint32(90).fork()).join();
     }
     return writer;
   },
@@ -3184,6 +3613,30 @@ export const Event: MessageFns<Event> = {
             message.message = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.port = ListenPort.decode(reader, reader.uint32());
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.log = LogChunk.decode(reader, reader.uint32());
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.exit = ExitStatus.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3218,6 +3671,9 @@ export const Event: MessageFns<Event> = {
         ? capsuleStateFromJSON(object.previous_state)
         : 0,
       message: isSet(object.message) ? globalThis.String(object.message) : "",
+      port: isSet(object.port) ? ListenPort.fromJSON(object.port) : undefined,
+      log: isSet(object.log) ? LogChunk.fromJSON(object.log) : undefined,
+      exit: isSet(object.exit) ? ExitStatus.fromJSON(object.exit) : undefined,
     };
   },
 
@@ -3247,6 +3703,15 @@ export const Event: MessageFns<Event> = {
     if (message.message !== "") {
       obj.message = message.message;
     }
+    if (message.port !== undefined) {
+      obj.port = ListenPort.toJSON(message.port);
+    }
+    if (message.log !== undefined) {
+      obj.log = LogChunk.toJSON(message.log);
+    }
+    if (message.exit !== undefined) {
+      obj.exit = ExitStatus.toJSON(message.exit);
+    }
     return obj;
   },
 
@@ -3263,6 +3728,13 @@ export const Event: MessageFns<Event> = {
     message.state = object.state ?? 0;
     message.previousState = object.previousState ?? 0;
     message.message = object.message ?? "";
+    message.port = (object.port !== undefined && object.port !== null)
+      ? ListenPort.fromPartial(object.port)
+      : undefined;
+    message.log = (object.log !== undefined && object.log !== null) ? LogChunk.fromPartial(object.log) : undefined;
+    message.exit = (object.exit !== undefined && object.exit !== null)
+      ? ExitStatus.fromPartial(object.exit)
+      : undefined;
     return message;
   },
 };
@@ -3439,6 +3911,180 @@ export const StreamConsoleResponse: MessageFns<StreamConsoleResponse> = {
   },
 };
 
+function createBaseStreamLogsRequest(): StreamLogsRequest {
+  return { capsule: "", fromStart: false, follow: false };
+}
+
+export const StreamLogsRequest: MessageFns<StreamLogsRequest> = {
+  encode(message: StreamLogsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.capsule !== "") {
+      writer.uint32(10).string(message.capsule);
+    }
+    if (message.fromStart !== false) {
+      writer.uint32(16).bool(message.fromStart);
+    }
+    if (message.follow !== false) {
+      writer.uint32(24).bool(message.follow);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StreamLogsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStreamLogsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.capsule = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.fromStart = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.follow = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StreamLogsRequest {
+    return {
+      capsule: isSet(object.capsule) ? globalThis.String(object.capsule) : "",
+      fromStart: isSet(object.fromStart)
+        ? globalThis.Boolean(object.fromStart)
+        : isSet(object.from_start)
+        ? globalThis.Boolean(object.from_start)
+        : false,
+      follow: isSet(object.follow) ? globalThis.Boolean(object.follow) : false,
+    };
+  },
+
+  toJSON(message: StreamLogsRequest): unknown {
+    const obj: any = {};
+    if (message.capsule !== "") {
+      obj.capsule = message.capsule;
+    }
+    if (message.fromStart !== false) {
+      obj.fromStart = message.fromStart;
+    }
+    if (message.follow !== false) {
+      obj.follow = message.follow;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StreamLogsRequest>, I>>(base?: I): StreamLogsRequest {
+    return StreamLogsRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StreamLogsRequest>, I>>(object: I): StreamLogsRequest {
+    const message = createBaseStreamLogsRequest();
+    message.capsule = object.capsule ?? "";
+    message.fromStart = object.fromStart ?? false;
+    message.follow = object.follow ?? false;
+    return message;
+  },
+};
+
+function createBaseStreamLogsResponse(): StreamLogsResponse {
+  return { chunk: undefined };
+}
+
+export const StreamLogsResponse: MessageFns<StreamLogsResponse> = {
+  encode(message: StreamLogsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.chunk !== undefined) {
+      LogChunk.encode(message.chunk, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StreamLogsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStreamLogsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.chunk = LogChunk.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StreamLogsResponse {
+    return { chunk: isSet(object.chunk) ? LogChunk.fromJSON(object.chunk) : undefined };
+  },
+
+  toJSON(message: StreamLogsResponse): unknown {
+    const obj: any = {};
+    if (message.chunk !== undefined) {
+      obj.chunk = LogChunk.toJSON(message.chunk);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<StreamLogsResponse>, I>>(base?: I): StreamLogsResponse {
+    return StreamLogsResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<StreamLogsResponse>, I>>(object: I): StreamLogsResponse {
+    const message = createBaseStreamLogsResponse();
+    message.chunk = (object.chunk !== undefined && object.chunk !== null)
+      ? LogChunk.fromPartial(object.chunk)
+      : undefined;
+    return message;
+  },
+};
+
 /**
  * CapsuleService manages the lifecycle of capsules on one agent.
  *
@@ -3576,6 +4222,16 @@ export const CapsuleServiceService = {
       Buffer.from(StreamConsoleResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): StreamConsoleResponse => StreamConsoleResponse.decode(value),
   },
+  /** Streams the app's stdout and stderr as capsule-init forwarded them. */
+  streamLogs: {
+    path: "/flexcap.v1.CapsuleService/StreamLogs" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: StreamLogsRequest): Buffer => Buffer.from(StreamLogsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): StreamLogsRequest => StreamLogsRequest.decode(value),
+    responseSerialize: (value: StreamLogsResponse): Buffer => Buffer.from(StreamLogsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): StreamLogsResponse => StreamLogsResponse.decode(value),
+  },
 } as const;
 
 export interface CapsuleServiceServer extends UntypedServiceImplementation {
@@ -3603,6 +4259,8 @@ export interface CapsuleServiceServer extends UntypedServiceImplementation {
   watchEvents: handleServerStreamingCall<WatchEventsRequest, WatchEventsResponse>;
   /** Streams the guest console: what is logged so far and/or what comes next. */
   streamConsole: handleServerStreamingCall<StreamConsoleRequest, StreamConsoleResponse>;
+  /** Streams the app's stdout and stderr as capsule-init forwarded them. */
+  streamLogs: handleServerStreamingCall<StreamLogsRequest, StreamLogsResponse>;
 }
 
 export interface CapsuleServiceClient extends Client {
@@ -3783,6 +4441,13 @@ export interface CapsuleServiceClient extends Client {
     metadata?: Metadata,
     options?: Partial<CallOptions>,
   ): ClientReadableStream<StreamConsoleResponse>;
+  /** Streams the app's stdout and stderr as capsule-init forwarded them. */
+  streamLogs(request: StreamLogsRequest, options?: Partial<CallOptions>): ClientReadableStream<StreamLogsResponse>;
+  streamLogs(
+    request: StreamLogsRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<StreamLogsResponse>;
 }
 
 export const CapsuleServiceClient = makeGenericClientConstructor(

@@ -27,8 +27,10 @@ export const protobufFileName = "flexcap/v1/image.proto";
 /** Which guest kernel an image boots. */
 export enum KernelKind {
   KERNEL_KIND_UNSPECIFIED = 0,
-  /** KERNEL_KIND_LINUX_VM - Debian's stock cloud kernel: the "Linux VM" baseline. */
+  /** KERNEL_KIND_LINUX_VM - Debian's stock cloud kernel, the app in the initramfs: the "Linux VM" baseline. */
   KERNEL_KIND_LINUX_VM = 1,
+  /** KERNEL_KIND_CAPSULE - The tiny capsule kernel (capsule-os/kernel), the app on a read-only disk. */
+  KERNEL_KIND_CAPSULE = 2,
   UNRECOGNIZED = -1,
 }
 
@@ -40,6 +42,9 @@ export function kernelKindFromJSON(object: any): KernelKind {
     case 1:
     case "KERNEL_KIND_LINUX_VM":
       return KernelKind.KERNEL_KIND_LINUX_VM;
+    case 2:
+    case "KERNEL_KIND_CAPSULE":
+      return KernelKind.KERNEL_KIND_CAPSULE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -53,6 +58,8 @@ export function kernelKindToJSON(object: KernelKind): string {
       return "KERNEL_KIND_UNSPECIFIED";
     case KernelKind.KERNEL_KIND_LINUX_VM:
       return "KERNEL_KIND_LINUX_VM";
+    case KernelKind.KERNEL_KIND_CAPSULE:
+      return "KERNEL_KIND_CAPSULE";
     case KernelKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -84,9 +91,20 @@ export interface Image {
   defaultMemoryMib: number;
   /** Kernel + initramfs bytes. */
   sizeBytes: number;
-  /** Files packed into the initramfs besides the init. */
+  /** Files packed into the image besides the init. */
   files: string[];
-  createdAt: Date | undefined;
+  createdAt:
+    | Date
+    | undefined;
+  /** Smallest guest RAM the image runs in; capsules may not ask for less. */
+  minMemoryMib: number;
+  /**
+   * True when min_memory_mib was measured by booting the image (MeasureImage),
+   * false when it is the builder's estimate.
+   */
+  minMemoryMeasured: boolean;
+  /** Directory the app starts in. */
+  workdir: string;
 }
 
 export interface Image_EnvEntry {
@@ -107,10 +125,12 @@ export interface BuildImageRequest {
   files: ImageFile[];
   /** Default guest RAM; 0 picks the kernel's default. */
   defaultMemoryMib: number;
-  /** LINUX_VM when unspecified. */
+  /** CAPSULE when unspecified. */
   kernel: KernelKind;
   /** Replace an image of the same name that no capsule uses. */
   replace: boolean;
+  /** Directory the app starts in; "/" when empty. Writable only under /tmp and /run. */
+  workdir: string;
 }
 
 export interface BuildImageRequest_EnvEntry {
@@ -144,6 +164,48 @@ export interface DeleteImageRequest {
 }
 
 export interface DeleteImageResponse {
+}
+
+/** A TCP request the app must answer for a boot to count as working. */
+export interface Probe {
+  /** Port the app listens on inside the capsule. */
+  guestPort: number;
+  /** Bytes sent after connecting (may be empty). */
+  send: Buffer;
+  /** The reply must start with these bytes. */
+  expect: Buffer;
+}
+
+export interface MeasureImageRequest {
+  /** Id or name. */
+  image: string;
+  probe:
+    | Probe
+    | undefined;
+  /** Search between these sizes (MiB); 0 picks 4 and the image's default. */
+  lowMib: number;
+  highMib: number;
+  /** Boots per size that must all pass; 0 means 1. */
+  attempts: number;
+}
+
+export interface MeasureImageResponse {
+  /** The image with the measured minimum (same name, new id). */
+  image:
+    | Image
+    | undefined;
+  /** Every boot tried, in order. */
+  steps: MeasureStep[];
+}
+
+/** One boot of MeasureImage. */
+export interface MeasureStep {
+  memoryMib: number;
+  ok: boolean;
+  /** Why it failed (probe error, guest panic…). */
+  detail: string;
+  /** Launch to probe answered. */
+  elapsedMs: number;
 }
 
 function createBaseImageFile(): ImageFile {
@@ -251,6 +313,9 @@ function createBaseImage(): Image {
     sizeBytes: 0,
     files: [],
     createdAt: undefined,
+    minMemoryMib: 0,
+    minMemoryMeasured: false,
+    workdir: "",
   };
 }
 
@@ -285,6 +350,15 @@ export const Image: MessageFns<Image> = {
     }
     if (message.createdAt !== undefined) {
       Timestamp.encode(toTimestamp(message.createdAt), writer.uint32(82).fork()).join();
+    }
+    if (message.minMemoryMib !== 0) {
+      writer.uint32(88).uint32(message.minMemoryMib);
+    }
+    if (message.minMemoryMeasured !== false) {
+      writer.uint32(96).bool(message.minMemoryMeasured);
+    }
+    if (message.workdir !== "") {
+      writer.uint32(106).string(message.workdir);
     }
     return writer;
   },
@@ -385,6 +459,30 @@ export const Image: MessageFns<Image> = {
             message.createdAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.minMemoryMib = reader.uint32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.minMemoryMeasured = reader.bool();
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.workdir = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -434,6 +532,17 @@ export const Image: MessageFns<Image> = {
         : isSet(object.created_at)
         ? fromJsonTimestamp(object.created_at)
         : undefined,
+      minMemoryMib: isSet(object.minMemoryMib)
+        ? globalThis.Number(object.minMemoryMib)
+        : isSet(object.min_memory_mib)
+        ? globalThis.Number(object.min_memory_mib)
+        : 0,
+      minMemoryMeasured: isSet(object.minMemoryMeasured)
+        ? globalThis.Boolean(object.minMemoryMeasured)
+        : isSet(object.min_memory_measured)
+        ? globalThis.Boolean(object.min_memory_measured)
+        : false,
+      workdir: isSet(object.workdir) ? globalThis.String(object.workdir) : "",
     };
   },
 
@@ -475,6 +584,15 @@ export const Image: MessageFns<Image> = {
     if (message.createdAt !== undefined) {
       obj.createdAt = message.createdAt.toISOString();
     }
+    if (message.minMemoryMib !== 0) {
+      obj.minMemoryMib = Math.round(message.minMemoryMib);
+    }
+    if (message.minMemoryMeasured !== false) {
+      obj.minMemoryMeasured = message.minMemoryMeasured;
+    }
+    if (message.workdir !== "") {
+      obj.workdir = message.workdir;
+    }
     return obj;
   },
 
@@ -501,6 +619,9 @@ export const Image: MessageFns<Image> = {
     message.sizeBytes = object.sizeBytes ?? 0;
     message.files = object.files?.map((e) => e) || [];
     message.createdAt = object.createdAt ?? undefined;
+    message.minMemoryMib = object.minMemoryMib ?? 0;
+    message.minMemoryMeasured = object.minMemoryMeasured ?? false;
+    message.workdir = object.workdir ?? "";
     return message;
   },
 };
@@ -591,7 +712,17 @@ export const Image_EnvEntry: MessageFns<Image_EnvEntry> = {
 };
 
 function createBaseBuildImageRequest(): BuildImageRequest {
-  return { name: "", executable: "", args: [], env: {}, files: [], defaultMemoryMib: 0, kernel: 0, replace: false };
+  return {
+    name: "",
+    executable: "",
+    args: [],
+    env: {},
+    files: [],
+    defaultMemoryMib: 0,
+    kernel: 0,
+    replace: false,
+    workdir: "",
+  };
 }
 
 export const BuildImageRequest: MessageFns<BuildImageRequest> = {
@@ -619,6 +750,9 @@ export const BuildImageRequest: MessageFns<BuildImageRequest> = {
     }
     if (message.replace !== false) {
       writer.uint32(64).bool(message.replace);
+    }
+    if (message.workdir !== "") {
+      writer.uint32(74).string(message.workdir);
     }
     return writer;
   },
@@ -703,6 +837,14 @@ export const BuildImageRequest: MessageFns<BuildImageRequest> = {
             message.replace = reader.bool();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.workdir = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -742,6 +884,7 @@ export const BuildImageRequest: MessageFns<BuildImageRequest> = {
         : 0,
       kernel: isSet(object.kernel) ? kernelKindFromJSON(object.kernel) : 0,
       replace: isSet(object.replace) ? globalThis.Boolean(object.replace) : false,
+      workdir: isSet(object.workdir) ? globalThis.String(object.workdir) : "",
     };
   },
 
@@ -777,6 +920,9 @@ export const BuildImageRequest: MessageFns<BuildImageRequest> = {
     if (message.replace !== false) {
       obj.replace = message.replace;
     }
+    if (message.workdir !== "") {
+      obj.workdir = message.workdir;
+    }
     return obj;
   },
 
@@ -801,6 +947,7 @@ export const BuildImageRequest: MessageFns<BuildImageRequest> = {
     message.defaultMemoryMib = object.defaultMemoryMib ?? 0;
     message.kernel = object.kernel ?? 0;
     message.replace = object.replace ?? false;
+    message.workdir = object.workdir ?? "";
     return message;
   },
 };
@@ -1329,6 +1476,462 @@ export const DeleteImageResponse: MessageFns<DeleteImageResponse> = {
   },
 };
 
+function createBaseProbe(): Probe {
+  return { guestPort: 0, send: Buffer.alloc(0), expect: Buffer.alloc(0) };
+}
+
+export const Probe: MessageFns<Probe> = {
+  encode(message: Probe, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.guestPort !== 0) {
+      writer.uint32(8).uint32(message.guestPort);
+    }
+    if (message.send.length !== 0) {
+      writer.uint32(18).bytes(message.send);
+    }
+    if (message.expect.length !== 0) {
+      writer.uint32(26).bytes(message.expect);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Probe {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseProbe();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.guestPort = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.send = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.expect = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Probe {
+    return {
+      guestPort: isSet(object.guestPort)
+        ? globalThis.Number(object.guestPort)
+        : isSet(object.guest_port)
+        ? globalThis.Number(object.guest_port)
+        : 0,
+      send: isSet(object.send) ? Buffer.from(bytesFromBase64(object.send)) : Buffer.alloc(0),
+      expect: isSet(object.expect) ? Buffer.from(bytesFromBase64(object.expect)) : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: Probe): unknown {
+    const obj: any = {};
+    if (message.guestPort !== 0) {
+      obj.guestPort = Math.round(message.guestPort);
+    }
+    if (message.send.length !== 0) {
+      obj.send = base64FromBytes(message.send);
+    }
+    if (message.expect.length !== 0) {
+      obj.expect = base64FromBytes(message.expect);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Probe>, I>>(base?: I): Probe {
+    return Probe.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Probe>, I>>(object: I): Probe {
+    const message = createBaseProbe();
+    message.guestPort = object.guestPort ?? 0;
+    message.send = object.send ?? Buffer.alloc(0);
+    message.expect = object.expect ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseMeasureImageRequest(): MeasureImageRequest {
+  return { image: "", probe: undefined, lowMib: 0, highMib: 0, attempts: 0 };
+}
+
+export const MeasureImageRequest: MessageFns<MeasureImageRequest> = {
+  encode(message: MeasureImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.image !== "") {
+      writer.uint32(10).string(message.image);
+    }
+    if (message.probe !== undefined) {
+      Probe.encode(message.probe, writer.uint32(18).fork()).join();
+    }
+    if (message.lowMib !== 0) {
+      writer.uint32(24).uint32(message.lowMib);
+    }
+    if (message.highMib !== 0) {
+      writer.uint32(32).uint32(message.highMib);
+    }
+    if (message.attempts !== 0) {
+      writer.uint32(40).uint32(message.attempts);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MeasureImageRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMeasureImageRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.image = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.probe = Probe.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.lowMib = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.highMib = reader.uint32();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.attempts = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MeasureImageRequest {
+    return {
+      image: isSet(object.image) ? globalThis.String(object.image) : "",
+      probe: isSet(object.probe) ? Probe.fromJSON(object.probe) : undefined,
+      lowMib: isSet(object.lowMib)
+        ? globalThis.Number(object.lowMib)
+        : isSet(object.low_mib)
+        ? globalThis.Number(object.low_mib)
+        : 0,
+      highMib: isSet(object.highMib)
+        ? globalThis.Number(object.highMib)
+        : isSet(object.high_mib)
+        ? globalThis.Number(object.high_mib)
+        : 0,
+      attempts: isSet(object.attempts) ? globalThis.Number(object.attempts) : 0,
+    };
+  },
+
+  toJSON(message: MeasureImageRequest): unknown {
+    const obj: any = {};
+    if (message.image !== "") {
+      obj.image = message.image;
+    }
+    if (message.probe !== undefined) {
+      obj.probe = Probe.toJSON(message.probe);
+    }
+    if (message.lowMib !== 0) {
+      obj.lowMib = Math.round(message.lowMib);
+    }
+    if (message.highMib !== 0) {
+      obj.highMib = Math.round(message.highMib);
+    }
+    if (message.attempts !== 0) {
+      obj.attempts = Math.round(message.attempts);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<MeasureImageRequest>, I>>(base?: I): MeasureImageRequest {
+    return MeasureImageRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<MeasureImageRequest>, I>>(object: I): MeasureImageRequest {
+    const message = createBaseMeasureImageRequest();
+    message.image = object.image ?? "";
+    message.probe = (object.probe !== undefined && object.probe !== null) ? Probe.fromPartial(object.probe) : undefined;
+    message.lowMib = object.lowMib ?? 0;
+    message.highMib = object.highMib ?? 0;
+    message.attempts = object.attempts ?? 0;
+    return message;
+  },
+};
+
+function createBaseMeasureImageResponse(): MeasureImageResponse {
+  return { image: undefined, steps: [] };
+}
+
+export const MeasureImageResponse: MessageFns<MeasureImageResponse> = {
+  encode(message: MeasureImageResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.image !== undefined) {
+      Image.encode(message.image, writer.uint32(10).fork()).join();
+    }
+    for (const v of message.steps) {
+      MeasureStep.encode(v!, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MeasureImageResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMeasureImageResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.image = Image.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.steps.push(MeasureStep.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MeasureImageResponse {
+    return {
+      image: isSet(object.image) ? Image.fromJSON(object.image) : undefined,
+      steps: globalThis.Array.isArray(object?.steps) ? object.steps.map((e: any) => MeasureStep.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: MeasureImageResponse): unknown {
+    const obj: any = {};
+    if (message.image !== undefined) {
+      obj.image = Image.toJSON(message.image);
+    }
+    if (message.steps?.length) {
+      obj.steps = message.steps.map((e) => MeasureStep.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<MeasureImageResponse>, I>>(base?: I): MeasureImageResponse {
+    return MeasureImageResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<MeasureImageResponse>, I>>(object: I): MeasureImageResponse {
+    const message = createBaseMeasureImageResponse();
+    message.image = (object.image !== undefined && object.image !== null) ? Image.fromPartial(object.image) : undefined;
+    message.steps = object.steps?.map((e) => MeasureStep.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseMeasureStep(): MeasureStep {
+  return { memoryMib: 0, ok: false, detail: "", elapsedMs: 0 };
+}
+
+export const MeasureStep: MessageFns<MeasureStep> = {
+  encode(message: MeasureStep, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.memoryMib !== 0) {
+      writer.uint32(8).uint32(message.memoryMib);
+    }
+    if (message.ok !== false) {
+      writer.uint32(16).bool(message.ok);
+    }
+    if (message.detail !== "") {
+      writer.uint32(26).string(message.detail);
+    }
+    if (message.elapsedMs !== 0) {
+      writer.uint32(32).uint32(message.elapsedMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MeasureStep {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMeasureStep();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.memoryMib = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.ok = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.detail = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.elapsedMs = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MeasureStep {
+    return {
+      memoryMib: isSet(object.memoryMib)
+        ? globalThis.Number(object.memoryMib)
+        : isSet(object.memory_mib)
+        ? globalThis.Number(object.memory_mib)
+        : 0,
+      ok: isSet(object.ok) ? globalThis.Boolean(object.ok) : false,
+      detail: isSet(object.detail) ? globalThis.String(object.detail) : "",
+      elapsedMs: isSet(object.elapsedMs)
+        ? globalThis.Number(object.elapsedMs)
+        : isSet(object.elapsed_ms)
+        ? globalThis.Number(object.elapsed_ms)
+        : 0,
+    };
+  },
+
+  toJSON(message: MeasureStep): unknown {
+    const obj: any = {};
+    if (message.memoryMib !== 0) {
+      obj.memoryMib = Math.round(message.memoryMib);
+    }
+    if (message.ok !== false) {
+      obj.ok = message.ok;
+    }
+    if (message.detail !== "") {
+      obj.detail = message.detail;
+    }
+    if (message.elapsedMs !== 0) {
+      obj.elapsedMs = Math.round(message.elapsedMs);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<MeasureStep>, I>>(base?: I): MeasureStep {
+    return MeasureStep.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<MeasureStep>, I>>(object: I): MeasureStep {
+    const message = createBaseMeasureStep();
+    message.memoryMib = object.memoryMib ?? 0;
+    message.ok = object.ok ?? false;
+    message.detail = object.detail ?? "";
+    message.elapsedMs = object.elapsedMs ?? 0;
+    return message;
+  },
+};
+
 /**
  * ImageService builds and stores capsule images: kernel + initramfs + manifest,
  * content-addressed by sha256.
@@ -1375,6 +1978,20 @@ export const ImageServiceService = {
     responseSerialize: (value: DeleteImageResponse): Buffer => Buffer.from(DeleteImageResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): DeleteImageResponse => DeleteImageResponse.decode(value),
   },
+  /**
+   * Finds the image's minimum memory by booting it at decreasing sizes until a
+   * probe fails, and records the result in the image's manifest (a new id).
+   */
+  measureImage: {
+    path: "/flexcap.v1.ImageService/MeasureImage" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: MeasureImageRequest): Buffer => Buffer.from(MeasureImageRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): MeasureImageRequest => MeasureImageRequest.decode(value),
+    responseSerialize: (value: MeasureImageResponse): Buffer =>
+      Buffer.from(MeasureImageResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): MeasureImageResponse => MeasureImageResponse.decode(value),
+  },
 } as const;
 
 export interface ImageServiceServer extends UntypedServiceImplementation {
@@ -1386,6 +2003,11 @@ export interface ImageServiceServer extends UntypedServiceImplementation {
   getImage: handleUnaryCall<GetImageRequest, GetImageResponse>;
   /** Deletes an image no capsule uses. */
   deleteImage: handleUnaryCall<DeleteImageRequest, DeleteImageResponse>;
+  /**
+   * Finds the image's minimum memory by booting it at decreasing sizes until a
+   * probe fails, and records the result in the image's manifest (a new id).
+   */
+  measureImage: handleUnaryCall<MeasureImageRequest, MeasureImageResponse>;
 }
 
 export interface ImageServiceClient extends Client {
@@ -1453,6 +2075,25 @@ export interface ImageServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: DeleteImageResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * Finds the image's minimum memory by booting it at decreasing sizes until a
+   * probe fails, and records the result in the image's manifest (a new id).
+   */
+  measureImage(
+    request: MeasureImageRequest,
+    callback: (error: ServiceError | null, response: MeasureImageResponse) => void,
+  ): ClientUnaryCall;
+  measureImage(
+    request: MeasureImageRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: MeasureImageResponse) => void,
+  ): ClientUnaryCall;
+  measureImage(
+    request: MeasureImageRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: MeasureImageResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const ImageServiceClient = makeGenericClientConstructor(
@@ -1463,6 +2104,14 @@ export const ImageServiceClient = makeGenericClientConstructor(
   service: typeof ImageServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
 

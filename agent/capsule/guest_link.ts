@@ -1,0 +1,74 @@
+/**
+ * The agent's side of one running capsule's OS-server session: keeps a GuestChannel
+ * connected to the QEMU it belongs to (reconnecting after an agent restart, save/restore
+ * or a guest that dropped the line) and turns what the guest says into calls on its owner.
+ * One link per QEMU process; it ends when that QEMU is gone or close() is called.
+ */
+import type { NetConfig } from "../gen/flexcap/guest/v1/guest.ts";
+import { UnavailableError } from "../errors.ts";
+import type { Logger } from "../log.ts";
+import { GuestChannel } from "../osserver/channel.ts";
+import type { GuestLog, GuestPort } from "../osserver/guest_messages.ts";
+
+/** What a link reports to its owner. */
+export interface LinkEvents {
+  onExited(code: number, signal: number): void;
+  onPorts(ports: GuestPort[]): void;
+  onLog(log: GuestLog): void;
+}
+
+const RECONNECT_MS = 500;
+
+/** A self-healing connection to one capsule's guest channel socket. */
+export class GuestLink {
+  #channel?: GuestChannel;
+  #closed = false;
+  readonly done: Promise<void>;
+
+  constructor(private socketPath: string, private log: Logger, private events: LinkEvents) {
+    this.done = this.#run();
+  }
+
+  /** The live channel, if connected. */
+  get channel(): GuestChannel | undefined {
+    return this.#channel;
+  }
+
+  /** Asks the guest to shut its app down; false when no guest is listening. */
+  requestShutdown(graceMs: number): boolean {
+    if (!this.#channel?.inSession) return false;
+    this.#channel.requestShutdown(graceMs);
+    return true;
+  }
+
+  /** Gives the guest a new network identity. */
+  setNetwork(net: NetConfig): Promise<void> {
+    if (!this.#channel) return Promise.reject(new UnavailableError("guest channel is not connected"));
+    return this.#channel.setNetwork(net);
+  }
+
+  /** Stops reconnecting and closes the channel. */
+  close(): void {
+    this.#closed = true;
+    this.#channel?.close();
+  }
+
+  async #run(): Promise<void> {
+    while (!this.#closed) {
+      try {
+        const ch = await GuestChannel.connect(this.socketPath, this.log, {
+          onExited: (code, signal) => this.events.onExited(code, signal),
+          onPorts: (ports) => this.events.onPorts(ports),
+          onLog: (log) => this.events.onLog(log),
+        });
+        this.#channel = ch;
+        if (this.#closed) ch.close();
+        await ch.done;
+        if (this.#channel === ch) this.#channel = undefined;
+      } catch (err) {
+        this.log.debug("os channel connect failed; retrying", { error: err });
+      }
+      if (!this.#closed) await new Promise((r) => setTimeout(r, RECONNECT_MS));
+    }
+  }
+}
