@@ -18,6 +18,8 @@ export interface LinkEvents {
 }
 
 const RECONNECT_MS = 500;
+// The read loop drains a socket buffer in well under this.
+const DRAIN_MS = 100;
 
 /** A self-healing connection to one capsule's guest channel socket. */
 export class GuestLink {
@@ -45,6 +47,15 @@ export class GuestLink {
   setNetwork(net: NetConfig): Promise<void> {
     if (!this.#channel) return Promise.reject(new UnavailableError("guest channel is not connected"));
     return this.#channel.setNetwork(net);
+  }
+
+  /**
+   * Closes after the channel has read what is already buffered. For a guest that can no
+   * longer write (paused for save or migration), so its last output is not dropped.
+   */
+  async drainAndClose(ms = DRAIN_MS): Promise<void> {
+    await new Promise((r) => setTimeout(r, ms));
+    this.close();
   }
 
   /** Stops reconnecting and closes the channel. */

@@ -469,6 +469,7 @@ export class CapsuleManager {
 
   // Ends a QEMU the manager is done with (after save): quit, then kill if it lingers.
   async #detachVm(rec: CapsuleRecord, vm: QemuVm): Promise<void> {
+    await this.#links.get(rec.id)?.drainAndClose(); // the paused guest's last output is in flight
     this.#forget(rec.id);
     await vm.quitAndWait(KILL_WAIT_MS);
     rec.runtime = undefined;

@@ -1,7 +1,8 @@
 /**
  * Lifecycle benchmark: a real flexcapd (test harness, temp state dir) runs the busybox httpd
- * image on the Debian-kernel Linux VM, 128 MiB, BENCH_RUNS times (default 5), one fresh
- * capsule per run, and measures:
+ * image, 128 MiB, BENCH_RUNS times (default 5), one fresh capsule per run, on the kernel
+ * BENCH_KERNEL names ("linux-vm", the Debian-kernel baseline, by default; or "capsule"), and
+ * measures:
  *
  * - cold_start_ms: StartCapsule call -> first HTTP 200 through the forwarded port;
  * - save_ms: SaveCapsule call duration (guest written to its state file, QEMU gone);
@@ -13,10 +14,15 @@
  * Top-level figures are medians; `samples` has every run's value.
  * Run: `deno run -A test/bench/lifecycle.ts` or `deno run -A test/bench/main.ts lifecycle`.
  */
+import { KernelKind } from "../../agent/gen/flexcap/v1/image.ts";
 import { buildHttpdImage, spec, startTestAgent, type TestAgent } from "../harness/agent.ts";
 import { main } from "./report.ts";
 
 const MEMORY_MIB = 128;
+const KERNEL = Deno.env.get("BENCH_KERNEL") ?? "linux-vm";
+if (!["linux-vm", "capsule"].includes(KERNEL)) {
+  throw new Error(`BENCH_KERNEL must be linux-vm or capsule, got ${KERNEL}`);
+}
 const BODY = "flexcap lifecycle bench\n";
 /** A new probe connection is opened this often until one gets a reply. */
 const PROBE_INTERVAL_MS = 20;
@@ -199,7 +205,12 @@ export async function run(): Promise<Record<string, unknown>> {
   try {
     const info = await agent.client.agent.getAgentInfo({});
     const agentPid = await findAgentPid(agent.stateDir);
-    const image = await buildHttpdImage(agent.client, "httpd", BODY);
+    const image = await buildHttpdImage(
+      agent.client,
+      "httpd",
+      BODY,
+      KERNEL === "capsule" ? KernelKind.KERNEL_KIND_CAPSULE : KernelKind.KERNEL_KIND_LINUX_VM,
+    );
     log(`accelerator ${info.accelerator}, ${info.qemuVersion}, image ${image.id.slice(0, 19)}…`);
     const samples: RunSample[] = [];
     for (let i = 0; i < runs; i++) {
@@ -226,7 +237,7 @@ export async function run(): Promise<Record<string, unknown>> {
       runs,
       accelerator: info.accelerator,
       memory_mib: MEMORY_MIB,
-      kernel: "linux-vm",
+      kernel: KERNEL,
       cpu_model: info.cpuModel,
       qemu_version: info.qemuVersion,
       agent_version: info.version,

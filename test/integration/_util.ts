@@ -98,3 +98,12 @@ export function privatePortsConfig(): string {
   const base = 61_000 + Math.floor(Math.random() * 90) * 50;
   return `network:\n  port_range: [${base}, ${base + 49}]\n`;
 }
+
+/** The app's stdout and stderr logged so far, as text (streams interleaved in arrival order). */
+export async function logsText(client: FlexcapClient, capsule: string): Promise<string> {
+  const call = client.raw.capsules.streamLogs({ capsule, fromStart: true, follow: false });
+  const dec = new TextDecoder();
+  let out = "";
+  for await (const m of call) out += dec.decode(m.chunk!.data, { stream: true });
+  return out + dec.decode();
+}

@@ -1,11 +1,12 @@
 /**
- * A real dynamically linked app in a capsule: redis-server packed with its shared
- * libraries, reached over its forwarded TCP port with raw RESP.
+ * A real dynamically linked app on the Debian-kernel "Linux VM" baseline: redis-server
+ * packed with its shared libraries into the initramfs, reached over its forwarded TCP port
+ * with raw RESP. (capsule_os_test.ts runs redis on the capsule kernel.)
  */
 import assert from "node:assert/strict";
-import { BuildImageRequest } from "../../agent/gen/flexcap/v1/image.ts";
+import { BuildImageRequest, KernelKind } from "../../agent/gen/flexcap/v1/image.ts";
 import { spec, startTestAgent, waitFor } from "../harness/agent.ts";
-import { CapsuleState as S, consoleText, privatePortsConfig, stateName } from "./_util.ts";
+import { CapsuleState as S, consoleText, logsText, privatePortsConfig, stateName } from "./_util.ts";
 
 const REDIS = "/usr/bin/redis-server";
 const enc = new TextEncoder();
@@ -64,7 +65,9 @@ Deno.test("redis runs in a capsule and answers over its forwarded port", {
         name: "redis",
         executable: REDIS,
         args: ["--port", "6379", "--protected-mode", "no", "--save", "", "--appendonly", "no"],
+        kernel: KernelKind.KERNEL_KIND_LINUX_VM,
       }))).image!;
+      assert.equal(image.kernel, KernelKind.KERNEL_KIND_LINUX_VM);
       assert.equal(image.entrypoint, REDIS);
       for (const lib of ["libc.so.6", "libjemalloc.so.2", "libssl.so.3", "ld-linux-x86-64.so.2"]) {
         assert.ok(image.files.some((f) => f.endsWith(`/${lib}`)), `${lib} packed (${image.files})`);
@@ -86,9 +89,8 @@ Deno.test("redis runs in a capsule and answers over its forwarded port", {
         assert.equal(r, "", `unexpected reply ${JSON.stringify(r)}`);
       }, 60_000);
       assert.equal(reply, "+PONG\r\n");
-      const text = await consoleText(agent.client, "redis");
-      assert.match(text, /Ready to accept connections/);
-      assert.doesNotMatch(text, /Kernel panic|Out of memory/);
+      assert.match(await logsText(agent.client, "redis"), /Ready to accept connections/);
+      assert.doesNotMatch(await consoleText(agent.client, "redis"), /Kernel panic|Out of memory/);
     });
 
     await t.step("SET then GET returns the value", async () => {
@@ -116,7 +118,7 @@ Deno.test("redis runs in a capsule and answers over its forwarded port", {
       assert.equal(stopped.state, S.CAPSULE_STATE_STOPPED);
       assert.equal(stopped.exitCode, 0, stopped.stateReason);
       assert.match(stopped.stateReason, /app exited with code 0/);
-      assert.match(await consoleText(agent.client, "redis"), /ready to exit, bye bye/);
+      assert.match(await logsText(agent.client, "redis"), /ready to exit, bye bye/);
     });
   } finally {
     await agent.cleanup();

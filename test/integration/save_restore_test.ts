@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { BuildImageRequest } from "../../agent/gen/flexcap/v1/image.ts";
 import { buildHttpdImage, spec, startTestAgent, waitFor } from "../harness/agent.ts";
-import { CapsuleState as S, consoleText, httpGet, pidAlive, privatePortsConfig, stateName } from "./_util.ts";
+import { CapsuleState as S, httpGet, logsText, pidAlive, privatePortsConfig, stateName } from "./_util.ts";
 
 const TICKER = "i=0; while true; do echo tick $i; i=$((i+1)); sleep 1; done";
 
@@ -22,7 +22,7 @@ function assertCounting(seq: number[], what: string): void {
 Deno.test("save and restore continue the guest where it was", async (t) => {
   const agent = await startTestAgent({ configYaml: privatePortsConfig() });
   const c = agent.client.capsules;
-  const text = () => consoleText(agent.client, "ticker");
+  const text = () => logsText(agent.client, "ticker");
   try {
     await agent.client.images.buildImage(BuildImageRequest.fromPartial({
       name: "ticker",
@@ -53,7 +53,7 @@ Deno.test("save and restore continue the guest where it was", async (t) => {
 
     await t.step("a saved guest does not run", async () => {
       await new Promise((r) => setTimeout(r, 2_000));
-      assert.equal((await text()).length, saveOffset, "console grew while saved");
+      assert.equal((await text()).length, saveOffset, "output grew while saved");
       assert.equal((await c.getCapsule({ capsule: "ticker" })).capsule!.state, S.CAPSULE_STATE_SAVED);
     });
 
