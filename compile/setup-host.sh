@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what flexcapd and its tests need on a Debian 12 instance (run as root), then
-# builds capsule-init. Idempotent: already-installed packages and an up-to-date build
-# are left alone, so every `deno task` that needs the host can call it cheaply.
+# builds capsule-init and the capsule kernel. Idempotent: already-installed packages, an
+# up-to-date capsule-init and a cached kernel are left alone, so every `deno task` that
+# needs the host can call it cheaply (the first kernel build takes a few minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ PACKAGES=(
   redis-server      # a real dynamically linked test app
   python3-grpcio python3-grpc-tools  # the other-language client test
   musl-tools nanopb libnanopb-dev protobuf-compiler make  # capsule-init
+  erofs-utils       # read-only root disks of capsule images
   cpio kmod iproute2 curl
 )
 
@@ -32,3 +34,5 @@ if ((${#missing[@]})); then
 fi
 
 make -s -C capsule-os/init >&2
+# The capsule kernel (capsule-os/kernel): built once, cached under the cache dir by its config's hash.
+bash capsule-os/kernel/build.sh >/dev/null

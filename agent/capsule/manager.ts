@@ -5,7 +5,13 @@
  * else; this file knows nothing about protobuf on the wire.
  */
 import type { Config } from "../config/schema.ts";
-import { AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError } from "../errors.ts";
+import {
+  AlreadyExistsError,
+  FailedPreconditionError,
+  InvalidArgumentError,
+  NotFoundError,
+  UnavailableError,
+} from "../errors.ts";
 import type { ImageStore } from "../image/store.ts";
 import type { ImageManifest } from "../image/manifest.ts";
 import type { Logger } from "../log.ts";
@@ -182,8 +188,10 @@ export class CapsuleManager {
           this.#log.with({ capsule: rec.id }),
         );
       } catch (err) {
-        await this.#setState(rec, "stopped", `start failed: ${(err as Error).message}`);
-        throw err;
+        const panic = await findKernelPanic(paths.console);
+        const why = `start failed: ${(err as Error).message}${panic ? `; guest ${panic}` : ""}`;
+        await this.#setState(rec, "stopped", why);
+        throw panic ? new UnavailableError(why) : err;
       }
       rec.exitCode = undefined;
       this.#exitCodes.delete(rec.id); // a code from the previous run must not be reported for this one

@@ -117,6 +117,7 @@ async function writeInitramfs(input: BuildInput, entries: PackEntry[], outPath: 
 async function writeErofs(entries: PackEntry[], outPath: string): Promise<number> {
   const stage = await Deno.makeTempDir({ dir: dirname(outPath), prefix: ".rootfs-" });
   try {
+    await Deno.chmod(stage, 0o755); // the image's "/" (makeTempDir makes it 0700: non-root apps could not traverse it)
     for (const d of ROOTFS_DIRS) await Deno.mkdir(join(stage, d), { recursive: true, mode: 0o755 });
     await Deno.chmod(join(stage, "tmp"), 0o1777);
     for (const e of entries) {

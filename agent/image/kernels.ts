@@ -132,7 +132,9 @@ export async function ensureCapsuleKernel(cacheDir: string, buildScript: string,
 }
 
 // quiet keeps boot fast on the serial console; panic=-1 + -no-reboot make a panic end QEMU.
-const CAPSULE_CMDLINE = "console=ttyS0 quiet panic=-1";
+// Without ACPI the guest cannot power off, so capsule-init reboots; reboot=t (triple fault)
+// makes that immediate, and -no-reboot turns it into QEMU exiting.
+const CAPSULE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t";
 // Measured under TCG (see docs/design.md, bench memory): the kernel plus capsule-init and
 // a small app's working set. Estimates only: MeasureImage records the real figure.
 const CAPSULE_BASE_MIB = 8;

@@ -31,7 +31,12 @@ export async function launchDaemonized(binary: string, args: string[], pidFile: 
     const why = (r.all ?? "").toString().trim().split("\n").slice(-5).join(" | ");
     throw new UnavailableError(`qemu failed to start (exit ${r.exitCode ?? r.signal}): ${why}`);
   }
-  const pid = Number((await Deno.readTextFile(pidFile)).trim());
+  // QEMU removes its pidfile when it exits: a guest that dies at once (panic + -no-reboot) leaves none.
+  const text = await Deno.readTextFile(pidFile).catch((err) => {
+    if (err instanceof Deno.errors.NotFound) throw new UnavailableError("qemu exited right after starting");
+    throw err;
+  });
+  const pid = Number(text.trim());
   if (!Number.isInteger(pid) || pid <= 0) throw new InternalError(`qemu pidfile ${pidFile} holds no pid`);
   const startTicks = readStartTicks(pid);
   if (startTicks === undefined) throw new UnavailableError(`qemu (pid ${pid}) exited right after starting`);

@@ -44,7 +44,7 @@ Deno.test("qemu args wait for an incoming stream on restore and use kvm when cho
   const a = buildQemuArgs({ ...base, incoming: true, accelerator: "kvm", acpi: false });
   assert.deepEqual(opt(a, "-incoming"), ["defer"]);
   assert.deepEqual(opt(a, "-accel"), ["kvm"]);
-  assert.match(opt(a, "-machine")[0], /acpi=off/);
+  assert.match(opt(a, "-machine")[0], /acpi=off,pit=on,pic=on/);
 });
 
 Deno.test("capsule MACs are stable, unicast and locally administered", () => {
