@@ -25,10 +25,25 @@ const DRAIN_MS = 100;
 export class GuestLink {
   #channel?: GuestChannel;
   #closed = false;
+  #known: boolean;
+  #connected = Promise.withResolvers<void>();
   readonly done: Promise<void>;
 
-  constructor(private socketPath: string, private log: Logger, private events: LinkEvents) {
+  /** `knownGuest`: the guest was accepted before (restore, migration, re-adoption after an agent restart). */
+  constructor(private socketPath: string, private log: Logger, private events: LinkEvents, knownGuest: boolean) {
+    this.#known = knownGuest;
     this.done = this.#run();
+  }
+
+  /** Resolves once the first connection is up, or after `timeoutMs` (the link keeps trying). */
+  async connected(timeoutMs: number): Promise<boolean> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<boolean>((r) => timer = setTimeout(() => r(false), timeoutMs));
+    try {
+      return await Promise.race([this.#connected.promise.then(() => true), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** The live channel, if connected. */
@@ -68,11 +83,13 @@ export class GuestLink {
     while (!this.#closed) {
       try {
         const ch = await GuestChannel.connect(this.socketPath, this.log, {
+          onHello: (_id, accepted) => this.#known = accepted,
           onExited: (code, signal) => this.events.onExited(code, signal),
           onPorts: (ports) => this.events.onPorts(ports),
           onLog: (log) => this.events.onLog(log),
-        });
+        }, { knownGuest: this.#known });
         this.#channel = ch;
+        this.#connected.resolve();
         if (this.#closed) ch.close();
         await ch.done;
         if (this.#channel === ch) this.#channel = undefined;

@@ -56,6 +56,7 @@ export interface ManagerDeps {
 const SAVE_TIMEOUT_MS = 120_000;
 const RESTORE_TIMEOUT_MS = 120_000;
 const KILL_WAIT_MS = 5_000;
+const RECONNECT_BEFORE_RESUME_MS = 2_000;
 
 /** Owns all capsules of this agent. */
 export class CapsuleManager {
@@ -195,7 +196,7 @@ export class CapsuleManager {
       }
       rec.exitCode = undefined;
       this.#exitCodes.delete(rec.id); // a code from the previous run must not be reported for this one
-      this.#attach(rec, vm, ports);
+      this.#attach(rec, vm, ports, false);
       await this.#setState(rec, "running", "started");
       return this.view(rec);
     });
@@ -291,16 +292,21 @@ export class CapsuleManager {
           this.#log.with({ capsule: rec.id }),
         );
         await vm.loadFrom(paths.stateFile, RESTORE_TIMEOUT_MS);
+        // Reconnect the OS channel before the guest runs, so none of its output is lost.
+        this.#attach(rec, vm, ports, true);
+        if (!await this.#links.get(rec.id)!.connected(RECONNECT_BEFORE_RESUME_MS)) {
+          this.#log.warn("os channel not connected before resume", { capsule: rec.id });
+        }
         if (rec.savedFrom !== "paused") await vm.resume();
       } catch (err) {
         if (vm) {
+          this.#forget(rec.id);
           vm.kill();
           vm.detach();
         }
         await this.#setState(rec, "saved", `restore failed: ${(err as Error).message}`);
         throw err;
       }
-      this.#attach(rec, vm, ports);
       await Deno.remove(paths.stateFile).catch(() => {});
       await this.#setState(rec, rec.savedFrom === "paused" ? "paused" : "running", "restored");
       return this.view(rec);
@@ -395,7 +401,8 @@ export class CapsuleManager {
     }
   }
 
-  #attach(rec: CapsuleRecord, vm: QemuVm, ports: CapsuleRecord["spec"]["ports"]): void {
+  // `knownGuest`: the guest was running before this QEMU (restore) or this agent (re-adoption).
+  #attach(rec: CapsuleRecord, vm: QemuVm, ports: CapsuleRecord["spec"]["ports"], knownGuest: boolean): void {
     this.#vms.set(rec.id, vm);
     rec.runtime = {
       pid: vm.ident.pid,
@@ -404,7 +411,7 @@ export class CapsuleManager {
       ports,
       hostAddress: this.deps.config.network.host_address,
     };
-    this.#link(rec, vm);
+    this.#link(rec, vm, knownGuest);
     void vm.exited.then((exit) =>
       this.#lock.run(rec.id, async () => {
         if (this.#vms.get(rec.id) !== vm || exit.reason === "detached") return; // an operation already handled it
@@ -425,7 +432,7 @@ export class CapsuleManager {
   }
 
   // Opens the OS-server link to `vm`'s guest; what the guest says lands on `rec`.
-  #link(rec: CapsuleRecord, vm: QemuVm): void {
+  #link(rec: CapsuleRecord, vm: QemuVm, knownGuest: boolean): void {
     const log = this.#log.with({ capsule: rec.id, component: "osserver" });
     const current = () => this.#vms.get(rec.id) === vm;
     const link = new GuestLink(this.deps.store.paths(rec.id).osSocket, log, {
@@ -437,7 +444,7 @@ export class CapsuleManager {
       onLog: (chunk) => {
         if (current()) this.#appendLog(rec, chunk);
       },
-    });
+    }, knownGuest);
     this.#links.set(rec.id, link);
   }
 
@@ -580,7 +587,7 @@ export class CapsuleManager {
     if (rec.state === "saving" && rec.savedFrom === "running" && status !== "running") {
       await vm.resume().catch(() => {}); // save interrupted: the guest carries on
     }
-    this.#attach(rec, vm, ports);
+    this.#attach(rec, vm, ports, true);
     const now = await vm.status();
     const to: CapsuleStateName = now === "running" ? "running" : "paused";
     log.info("re-adopted running qemu", { pid: vm.ident.pid, status: now });

@@ -58,11 +58,21 @@ export class GuestChannel {
     this.done = this.#readLoop();
   }
 
-  /** Connects to QEMU's end of the channel and pings the guest (which then says Hello if new). */
-  static async connect(path: string, log: Logger, events: ChannelEvents): Promise<GuestChannel> {
+  /**
+   * Connects to QEMU's end of the channel and asks the guest to greet again (Resync).
+   * `knownGuest`: this guest was accepted before (restored, migrated, re-adopted), so what
+   * it sends before its new Hello is accepted too; a new guest must say Hello first.
+   */
+  static async connect(
+    path: string,
+    log: Logger,
+    events: ChannelEvents,
+    opts: { knownGuest?: boolean } = {},
+  ): Promise<GuestChannel> {
     const conn = await Deno.connect({ transport: "unix", path });
     const ch = new GuestChannel(conn, log, events);
-    ch.send({ msg: { $case: "ping", value: { nonce: Date.now() } } });
+    ch.#session = opts.knownGuest ?? false;
+    ch.send({ msg: { $case: "resync", value: {} } });
     return ch;
   }
 

@@ -13,6 +13,7 @@
  *   c) when a HelloReply arrives although no Hello is outstanding: the host
  *      uses this to ask for a fresh Hello (covers a close+reopen of the host
  *      end so fast that the guest never saw it disconnected);
+ *   e) when the host sends Resync, its first frame on every new connection;
  *   d) right after an oversized host frame (> FLEXCAP_MAX_FRAME_BYTES): its
  *      body is read and discarded (the length prefix keeps the stream in
  *      sync) and the session starts over.
@@ -229,6 +230,10 @@ static void handle_frame(const uint8_t *buf, size_t len)
     pb_istream_t is = pb_istream_from_buffer(buf, len);
     if (!pb_decode(&is, flexcap_guest_v1_HostMessage_fields, &m)) {
         logmsg("bad host frame (%zu bytes): %s", len, PB_GET_ERROR(&is));
+        return;
+    }
+    if (m.which_msg == flexcap_guest_v1_HostMessage_resync_tag) { /* rule e) */
+        send_hello();
         return;
     }
     if (m.which_msg == flexcap_guest_v1_HostMessage_hello_reply_tag) {

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Builds the capsule kernel (tinyconfig + capsule.config, Linux 6.1 from Debian's linux-source-6.1)
-# once and caches it outside the repository:
+# Builds the capsule kernel (Linux 6.1 from Debian's linux-source-6.1, tinyconfig + capsule.config,
+# plus the small memory patches in patches/) once and caches it outside the repository:
 #
 #   ${FLEXCAP_CACHE_DIR:-/var/cache/flexcap}/kernels/capsule-<key>/
 #     vmlinux      stripped ELF, PVH entry point (QEMU microvm loads it directly)
 #     bzImage      the same kernel, compressed, for loaders that want the Linux boot protocol
 #     config       the final .config
+#     System.map   symbols (the kernel has no kallsyms: oops traces print bare addresses)
 #     build.json   {source_version, key, build_seconds, vmlinux_bytes, bzimage_bytes}
 #
-# key = first 16 hex digits of sha256(capsule.config + build.sh + linux-source-6.1 package version).
+# key = first 16 hex digits of sha256(capsule.config + build.sh + patches/*.patch + the
+# linux-source-6.1 package version). The extracted source is shared and never modified: patches
+# go to a hard-linked copy of it (patch(1) replaces the files it changes, breaking the link).
 # A cache hit prints the path at once. Concurrent runs serialize on a lock in the cache dir; a build
 # happens in a temporary dir under the cache dir and is renamed into place only when complete.
 # The last line of stdout is the kernel directory; everything else goes to stderr.
@@ -23,7 +26,7 @@ cache="${FLEXCAP_CACHE_DIR:-/var/cache/flexcap}"
 kernels="$cache/kernels"
 src_pkg=linux-source-6.1
 tarball=/usr/src/linux-source-6.1.tar.xz
-deps=(linux-source-6.1 flex bison bc libelf-dev libssl-dev build-essential xz-utils)
+deps=(linux-source-6.1 flex bison bc libelf-dev libssl-dev build-essential xz-utils patch)
 
 log() { printf 'capsule-kernel: %s\n' "$*" >&2; }
 die() {
@@ -32,6 +35,9 @@ die() {
 }
 
 [[ -r "$fragment" ]] || die "config fragment $fragment not found"
+shopt -s nullglob
+patches=("$here"/patches/*.patch) # applied in name order (0001-…, 0002-…)
+shopt -u nullglob
 [[ "$(uname -m)" == x86_64 ]] || die "only x86_64 hosts are supported (this is $(uname -m))"
 
 # --- build dependencies ----------------------------------------------------------------------
@@ -59,6 +65,10 @@ key="$({
   cat "$fragment"
   printf '\0'
   cat "$self"
+  for p in "${patches[@]}"; do
+    printf '\0%s\0' "$(basename "$p")"
+    cat "$p"
+  done
   printf '\0%s' "$version"
 } | sha256sum | cut -c1-16)"
 out="$kernels/capsule-$key"
@@ -102,13 +112,23 @@ trap 'rm -rf "$tmp"' EXIT
 obj="$tmp/obj"
 stage="$tmp/capsule-$key"
 mkdir -p "$obj" "$stage"
-mk=(make -C "$src" O="$obj" ARCH=x86_64)
+build_src="$src"
+if ((${#patches[@]})); then
+  build_src="$tmp/src"
+  cp -al "$src" "$build_src" || die "cannot hard-link $src to $build_src"
+  for p in "${patches[@]}"; do
+    log "applying $(basename "$p")"
+    patch -d "$build_src" -p1 --forward --no-backup-if-mismatch --quiet <"$p" >&2 ||
+      die "patch $p does not apply to linux-source-6.1 $version"
+  done
+fi
+mk=(make -C "$build_src" O="$obj" ARCH=x86_64)
 jobs="$(nproc)"
 start=$(date +%s)
 
 log "configuring in $obj (tinyconfig + $(basename "$fragment"))"
 "${mk[@]}" tinyconfig >&2 || die "make tinyconfig failed"
-"$src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "$fragment" >&2 ||
+"$build_src/scripts/kconfig/merge_config.sh" -m -O "$obj" "$obj/.config" "$fragment" >&2 ||
   die "merge_config.sh failed"
 "${mk[@]}" olddefconfig >&2 || die "make olddefconfig failed"
 
@@ -141,6 +161,7 @@ build_seconds=$(($(date +%s) - start))
 strip -o "$stage/vmlinux" "$obj/vmlinux" || die "strip vmlinux failed"
 cp "$obj/arch/x86/boot/bzImage" "$stage/bzImage"
 cp "$obj/.config" "$stage/config"
+cp "$obj/System.map" "$stage/System.map"
 vmlinux_bytes=$(stat -c %s "$stage/vmlinux")
 bzimage_bytes=$(stat -c %s "$stage/bzImage")
 printf '{"source_version":"%s","key":"%s","build_seconds":%d,"vmlinux_bytes":%d,"bzimage_bytes":%d}\n' \

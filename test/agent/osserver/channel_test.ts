@@ -72,7 +72,7 @@ class FakeGuest {
 }
 
 /** Connects a GuestChannel to a fresh fake guest, recording what the channel reports. */
-async function pair() {
+async function pair(knownGuest = false) {
   const guest = await FakeGuest.start();
   const seen = { ports: [] as GuestPort[][], logs: [] as GuestLog[], exits: [] as [number, number][] };
   const accepted = guest.accept();
@@ -80,9 +80,9 @@ async function pair() {
     onPorts: (p) => seen.ports.push(p),
     onLog: (l) => seen.logs.push(l),
     onExited: (c, s) => seen.exits.push([c, s]),
-  });
+  }, { knownGuest });
   await accepted;
-  await guest.next((m) => m.msg?.$case === "ping"); // the host greets every new connection
+  await guest.next((m) => m.msg?.$case === "resync"); // the host asks every new connection for a Hello
   return { guest, ch, seen };
 }
 
@@ -138,6 +138,21 @@ Deno.test("ports, logs and exit are reported only inside a session, validated an
     assert.deepEqual(seen.logs, [{ stream: "stderr", data }]);
     assert.deepEqual(seen.exits, [[3, 0]]);
     assert.equal(ch.stats.malformed, 0);
+  } finally {
+    ch.close();
+    await guest.close();
+  }
+});
+
+Deno.test("a known guest (restored, migrated) is heard before its new Hello", async () => {
+  const { guest, ch, seen } = await pair(true);
+  try {
+    await guest.send(ports([80, Protocol.PROTOCOL_TCP]));
+    await settle(() => seen.ports.length === 1, "ports from a known guest");
+    assert.equal(ch.stats.outOfSession, 0);
+    // Its Hello still decides: a refused version ends the session.
+    await guest.send({ msg: { $case: "hello", value: { protocolVersion: 99, buildId: "future" } } });
+    await settle(() => !ch.inSession, "session ended by a refused Hello");
   } finally {
     ch.close();
     await guest.close();

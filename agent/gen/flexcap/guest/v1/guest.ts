@@ -132,7 +132,18 @@ export interface HostMessage {
     | { $case: "shutdown"; value: Shutdown }
     | { $case: "ping"; value: Ping }
     | { $case: "setNetwork"; value: SetNetwork }
+    | { $case: "resync"; value: Resync }
     | undefined;
+}
+
+/**
+ * The host's first frame on every new connection. A guest cannot always tell that
+ * the host end was replaced (after a restore or a migration its port still looks
+ * connected), so the host asks: the guest answers with Hello and, once accepted, a
+ * full Ports snapshot. The guest keeps sending meanwhile; a host that knows this
+ * guest (restore, migration, agent restart) accepts those frames.
+ */
+export interface Resync {
 }
 
 /** First frame the guest sends on every (re)connection. */
@@ -645,6 +656,9 @@ export const HostMessage: MessageFns<HostMessage> = {
       case "setNetwork":
         SetNetwork.encode(message.msg.value, writer.uint32(34).fork()).join();
         break;
+      case "resync":
+        Resync.encode(message.msg.value, writer.uint32(42).fork()).join();
+        break;
     }
     return writer;
   },
@@ -694,6 +708,14 @@ export const HostMessage: MessageFns<HostMessage> = {
             message.msg = { $case: "setNetwork", value: SetNetwork.decode(reader, reader.uint32()) };
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.msg = { $case: "resync", value: Resync.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -720,6 +742,8 @@ export const HostMessage: MessageFns<HostMessage> = {
         ? { $case: "setNetwork", value: SetNetwork.fromJSON(object.setNetwork) }
         : isSet(object.set_network)
         ? { $case: "setNetwork", value: SetNetwork.fromJSON(object.set_network) }
+        : isSet(object.resync)
+        ? { $case: "resync", value: Resync.fromJSON(object.resync) }
         : undefined,
     };
   },
@@ -734,6 +758,8 @@ export const HostMessage: MessageFns<HostMessage> = {
       obj.ping = Ping.toJSON(message.msg.value);
     } else if (message.msg?.$case === "setNetwork") {
       obj.setNetwork = SetNetwork.toJSON(message.msg.value);
+    } else if (message.msg?.$case === "resync") {
+      obj.resync = Resync.toJSON(message.msg.value);
     }
     return obj;
   },
@@ -768,7 +794,65 @@ export const HostMessage: MessageFns<HostMessage> = {
         }
         break;
       }
+      case "resync": {
+        if (object.msg?.value !== undefined && object.msg?.value !== null) {
+          message.msg = { $case: "resync", value: Resync.fromPartial(object.msg.value) };
+        }
+        break;
+      }
     }
+    return message;
+  },
+};
+
+function createBaseResync(): Resync {
+  return {};
+}
+
+export const Resync: MessageFns<Resync> = {
+  encode(_: Resync, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Resync {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseResync();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): Resync {
+    return {};
+  },
+
+  toJSON(_: Resync): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Resync>, I>>(base?: I): Resync {
+    return Resync.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Resync>, I>>(_: I): Resync {
+    const message = createBaseResync();
     return message;
   },
 };
