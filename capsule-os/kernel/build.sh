@@ -87,6 +87,8 @@ if [[ -f "$out/build.json" ]]; then # built by the run we waited for
   echo "$out"
   exit 0
 fi
+# Temporary dirs of builds that were killed (every build holds the lock while it has any).
+rm -rf "$kernels"/.capsule-*.?????? "$kernels"/.src-*.??????
 
 # --- source tree, extracted once per package version and shared by all builds -------------------
 src="$kernels/src-$version"

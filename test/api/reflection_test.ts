@@ -111,7 +111,7 @@ Deno.test({
       const svc = files(bySymbol).filter((f) => f.package === "flexcap.v1").flatMap((f) => f.service)
         .find((s) => s.name === "CapsuleService");
       assert.ok(svc, `${version}: no file declares CapsuleService`);
-      assert.equal(svc.method.length, 12);
+      assert.equal(svc.method.length, 13);
       const create = svc.method.find((m) => m.name === "CreateCapsule");
       assert.equal(create?.inputType, ".flexcap.v1.CreateCapsuleRequest");
       assert.equal(create?.outputType, ".flexcap.v1.CreateCapsuleResponse");

@@ -54,7 +54,8 @@ Deno.test("bad input is refused with the right status and changes nothing", asyn
     await t.step("memory 0 takes the image default", async () => {
       const cap = (await create("mem-default", { memoryMib: 0 })).capsule!;
       created.push(cap.name);
-      assert.equal(cap.spec!.memoryMib, 128);
+      const image = (await img.getImage({ image: "httpd" })).image!;
+      assert.equal(cap.spec!.memoryMib, image.defaultMemoryMib);
     });
 
     await t.step("too little memory is INVALID_ARGUMENT naming spec.memory_mib", async () => {
@@ -258,7 +259,7 @@ Deno.test("bad input is refused with the right status and changes nothing", asyn
       assert.ok([INVALID_ARGUMENT, NOT_FOUND].includes(err.code), `code ${err.code}: ${err.details}`);
       assert.match(err.details, /\/no\/such\/executable/);
       await rejectsWith(
-        build({ defaultMemoryMib: 40 }),
+        build({ defaultMemoryMib: 4 }),
         INVALID_ARGUMENT,
         /^default_memory_mib: this image needs at least \d+ MiB/,
       );
@@ -281,6 +282,7 @@ Deno.test("bad input is refused with the right status and changes nothing", asyn
       );
       await rejectsWith(build({ name: "Bad Name" }), INVALID_ARGUMENT, /^name: /);
       await rejectsWith(build({ kernel: 5 }), INVALID_ARGUMENT, /^kernel: unknown kernel kind/);
+      await rejectsWith(build({ workdir: "srv" }), INVALID_ARGUMENT, /^workdir: expected an absolute path/);
     });
 
     await t.step("bad input changed nothing", async () => {

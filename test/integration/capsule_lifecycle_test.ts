@@ -179,7 +179,12 @@ Deno.test("capsule lifecycle works end to end over gRPC", async (t) => {
       assert.equal(watch.error(), undefined);
       const all = watch.items.map((e) => e.event!);
       for (let i = 1; i < all.length; i++) assert.equal(all[i].seq, all[i - 1].seq + 1, "seq increases by one");
-      const mine = all.filter((e) => e.capsuleId === id);
+      const lifecycle = [
+        EventType.EVENT_TYPE_CREATED,
+        EventType.EVENT_TYPE_STATE_CHANGED,
+        EventType.EVENT_TYPE_DELETED,
+      ];
+      const mine = all.filter((e) => e.capsuleId === id && lifecycle.includes(e.type));
       const seq = mine.map((e) =>
         e.type === EventType.EVENT_TYPE_CREATED
           ? "created"

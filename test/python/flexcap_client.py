@@ -94,7 +94,9 @@ def check(cond, what):
 
 def well_known_include(compiler_dir=None):
     """Directory holding google/protobuf/timestamp.proto for the chosen compiler."""
-    candidates = ([compiler_dir] if compiler_dir else []) + ["/usr/include"]
+    # grpc_tools bundles the well-known types too: the fallback when libprotobuf-dev is absent.
+    bundled = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    candidates = ([compiler_dir] if compiler_dir else []) + ["/usr/include", bundled]
     for d in candidates:
         if os.path.isfile(os.path.join(d, "google", "protobuf", "timestamp.proto")):
             return d
