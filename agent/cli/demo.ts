@@ -51,7 +51,7 @@ async function main(): Promise<void> {
   try {
     const images = (await c.images.listImages({})).images;
     if (!images.some((i) => i.name === "httpd")) {
-      console.log("building image httpd (busybox httpd; the first build downloads the guest kernel with apt) …");
+      console.log("building image httpd (busybox httpd on the capsule kernel, app on a read-only disk) …");
       await buildHttpdImage(c, "httpd", "<h1>Hello from a FlexCapsule capsule</h1>\n");
     }
     const existing = (await c.capsules.listCapsules({ labelSelector: {} })).capsules.find((x) => x.name === NAME);
@@ -78,7 +78,9 @@ async function main(): Promise<void> {
       try {
         const r = await fetch(url, { signal: AbortSignal.timeout(1000) });
         console.log(
-          `capsule ${NAME} (${cap.id}, qemu pid ${cap.qemuPid}) answered after ${Date.now() - t0} ms: ` +
+          `capsule ${NAME} (${cap.id}, ${cap.spec?.memoryMib} MiB, qemu pid ${cap.qemuPid}) answered after ${
+            Date.now() - t0
+          } ms: ` +
             (await r.text()).trim(),
         );
         break;
@@ -90,7 +92,9 @@ async function main(): Promise<void> {
     console.log(`
 Reach it:        curl ${url}
 Inspect it:      npx -y deno@2.9.6 task flexcap capsule list
-Console:         npx -y deno@2.9.6 task flexcap capsule logs ${NAME}
+App output:      npx -y deno@2.9.6 task flexcap capsule logs ${NAME}
+Guest console:   npx -y deno@2.9.6 task flexcap capsule console ${NAME}
+Events:          npx -y deno@2.9.6 task flexcap events ${NAME}   (listen, log, state changes; Ctrl-C ends)
 Save / restore:  npx -y deno@2.9.6 task flexcap capsule save ${NAME}   (then: capsule restore ${NAME})
 Stop it:         npx -y deno@2.9.6 task flexcap capsule stop ${NAME}`);
   } finally {
