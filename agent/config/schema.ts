@@ -23,8 +23,9 @@ export const ConfigSchema = z.strictObject({
   // auto: KVM only where hardware virtualisation is usable, else TCG.
   accelerator: z.enum(["auto", "kvm", "tcg"]).default("auto"),
   // One named CPU model for the whole cluster so capsules can migrate between instance types.
-  // Westmere-v1: x86-64-v2 (SSE4.2, POPCNT, AES) that TCG emulates without warnings.
-  cpu_model: z.string().regex(/^[A-Za-z0-9_.,=+-]+$/).default("Westmere-v1"),
+  // Westmere-v1: x86-64-v2 (SSE4.2, POPCNT, AES) that TCG emulates without warnings; +rdrand
+  // lets the capsule kernel seed its RNG at once (without it getrandom() blocks ~2.6 s under TCG).
+  cpu_model: z.string().regex(/^[A-Za-z0-9_.,=+-]+$/).default("Westmere-v1,+rdrand"),
   qemu_binary: z.string().default("qemu-system-x86_64"),
   // TCG translation cache per capsule; QEMU's 1 GiB default lets RSS balloon for tiny guests.
   tcg_tb_size_mib: z.number().int().min(1).max(2048).default(64),
