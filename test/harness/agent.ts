@@ -18,8 +18,8 @@ export interface TestAgent {
   logs(): string;
   /** SIGKILLs the agent (its capsules keep running). */
   kill9(): Promise<void>;
-  /** Starts the agent again on the same state dir. */
-  restart(): Promise<void>;
+  /** Starts the agent again on the same state dir, with `env` (added to this process's) if given. */
+  restart(env?: Record<string, string>): Promise<void>;
   /** Stops the agent, kills every QEMU under the state dir and removes it. */
   cleanup(): Promise<void>;
 }
@@ -29,6 +29,8 @@ export async function startTestAgent(
   opts: {
     extraArgs?: string[];
     configYaml?: string;
+    /** Extra environment for the agent process. */
+    env?: Record<string, string>;
     /** Where to reach the agent when extraArgs moves its API (e.g. to tcp: with TLS). */
     ready?: { api: string; tls?: { ca?: string; cert?: string; key?: string; serverName?: string } };
   } = {},
@@ -46,9 +48,10 @@ export async function startTestAgent(
   let logText = "";
   let client: FlexcapClient | undefined;
   let pump: Promise<void> = Promise.resolve();
+  let env = opts.env ?? {};
 
   const spawn = async () => {
-    child = new Deno.Command(Deno.execPath(), { args, stdin: "null", stdout: "null", stderr: "piped" }).spawn();
+    child = new Deno.Command(Deno.execPath(), { args, env, stdin: "null", stdout: "null", stderr: "piped" }).spawn();
     const reader = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
     pump = (async () => {
       for (;;) {
@@ -85,7 +88,8 @@ export async function startTestAgent(
       await pump;
       child = undefined;
     },
-    async restart() {
+    async restart(newEnv?: Record<string, string>) {
+      if (newEnv) env = newEnv;
       await spawn();
     },
     async cleanup() {
