@@ -13,6 +13,10 @@ export interface ProbeSpec {
 }
 
 const RETRY_MS = 200;
+// One attempt gives up after this: a forward may accept and then hold the connection while
+// its SYNs to a guest that is still booting back off (seconds), which would hide when the
+// app really became ready.
+const ATTEMPT_MS = 1_000;
 const READ_LIMIT = 64 * 1024;
 
 /** Probes until it passes (resolves) or `deadline` (ms since epoch) passes; `alive` false stops early. */
@@ -41,7 +45,7 @@ async function probeOnce(spec: ProbeSpec, deadline: number): Promise<boolean> {
     try {
       conn.close();
     } catch { /* closed */ }
-  }, Math.max(0, deadline - Date.now()));
+  }, Math.max(0, Math.min(ATTEMPT_MS, deadline - Date.now())));
   try {
     let off = 0;
     while (off < spec.send.length) off += await conn.write(spec.send.subarray(off));
