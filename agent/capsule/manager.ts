@@ -315,24 +315,21 @@ export class CapsuleManager {
 
   /** Console bytes of a capsule (see streamConsole). */
   console(ref: string, fromStart: boolean, follow: boolean, signal: AbortSignal): AsyncGenerator<Uint8Array> {
-    const rec = this.resolve(ref);
-    return streamConsole(this.deps.store.paths(rec.id).console, {
-      fromStart,
-      follow,
-      signal,
-      stillExists: () => this.#records.has(rec.id),
-    });
+    const { paths, opts } = this.#tail(ref, fromStart, follow, signal);
+    return streamConsole(paths.console, opts);
   }
 
   /** The app's output (see app_log.ts). */
   logs(ref: string, fromStart: boolean, follow: boolean, signal: AbortSignal): AsyncGenerator<LogChunk> {
-    const rec = this.resolve(ref);
-    return readAppLog(this.deps.store.paths(rec.id).appLog, {
-      fromStart,
-      follow,
-      signal,
-      stillExists: () => this.#records.has(rec.id),
-    });
+    const { paths, opts } = this.#tail(ref, fromStart, follow, signal);
+    return readAppLog(paths.appLog, opts);
+  }
+
+  // What following one of a capsule's files needs: its paths, and a stream that ends with the capsule.
+  #tail(ref: string, fromStart: boolean, follow: boolean, signal: AbortSignal) {
+    const id = this.resolve(ref).id;
+    const opts = { fromStart, follow, signal, stillExists: () => this.#records.has(id) };
+    return { paths: this.deps.store.paths(id), opts };
   }
 
   /** Events, optionally of one capsule only. */
