@@ -12,8 +12,11 @@ import { memoryBudget } from "./capsule/capacity.ts";
 import { EventBus } from "./capsule/events.ts";
 import { CapsuleManager } from "./capsule/manager.ts";
 import { CapsuleStore } from "./capsule/store.ts";
+import { QEMU_STATES } from "./capsule/states.ts";
+import { QemuVm } from "./vmm/vm.ts";
+import { createNetwork } from "./net/select.ts";
 import type { Config } from "./config/schema.ts";
-import { UnavailableError } from "./errors.ts";
+import { FailedPreconditionError, UnavailableError } from "./errors.ts";
 import { ImageCatalog } from "./image/catalog.ts";
 import { defaultCapsuleKernelBuild, hostKernelArgs } from "./image/kernels.ts";
 import { ImageStore } from "./image/store.ts";
@@ -65,6 +68,8 @@ export async function startAgent(config: Config, log: Logger): Promise<RunningAg
     log: log.with({ component: "image" }),
     usersOf: (id) => manager.usersOfImage(id),
   });
+  const network = createNetwork(config, log, () => manager.list());
+  log.info("capsule network backend", { backend: network.backend.kind, why: network.reason });
   manager = new CapsuleManager({
     config,
     log,
@@ -73,6 +78,7 @@ export async function startAgent(config: Config, log: Logger): Promise<RunningAg
     bus,
     accel,
     budget,
+    net: network.backend,
     bootFiles: (m) => Promise.resolve({ ...catalog.bootFiles(m), hostCmdline }),
   });
   await manager.open();
@@ -123,4 +129,40 @@ async function lockStateDir(stateDir: string): Promise<Deno.FsFile> {
     clearTimeout(timer);
   }
   return f;
+}
+
+/**
+ * Removes what the agent put on the instance outside its state dir: the nftables table,
+ * every capsule tap and the bridge. Refuses while capsules run unless `force`, which
+ * kills their QEMUs first. The state dir (records, images) is left for the operator.
+ */
+export async function uninstall(config: Config, log: Logger, opts: { force: boolean }): Promise<string[]> {
+  await Deno.mkdir(config.state_dir, { recursive: true, mode: 0o700 });
+  const lock = await lockStateDir(config.state_dir);
+  try {
+    const store = new CapsuleStore(config.state_dir, log);
+    const records = await store.loadAll();
+    const live = records.filter((r) => QEMU_STATES.has(r.state) && r.runtime);
+    if (live.length > 0 && !opts.force) {
+      throw new FailedPreconditionError(
+        `capsules still run: ${live.map((r) => r.name).join(", ")}; stop them first or pass --force`,
+      );
+    }
+    const done: string[] = [];
+    for (const r of live) {
+      try {
+        const vm = await QemuVm.adopt(r.id, r.runtime!, store.paths(r.id).qmpSocket, log);
+        await vm.quitAndWait(5_000);
+        done.push(`killed qemu of ${r.name}`);
+      } catch {
+        // Not adoptable: its QEMU is already gone.
+      }
+    }
+    const network = createNetwork(config, log, () => records);
+    await network.backend.uninstall(records);
+    done.push(`removed ${network.backend.kind} network`);
+    return done;
+  } finally {
+    lock.close();
+  }
 }

@@ -13,6 +13,7 @@ PACKAGES=(
   python3-grpcio python3-grpc-tools  # the other-language client test
   musl-tools nanopb libnanopb-dev protobuf-compiler make  # capsule-init
   erofs-utils       # read-only root disks of capsule images
+  nftables          # the capsule network's `inet flexcap` table
   cpio kmod iproute2 curl
 )
 

@@ -32,6 +32,9 @@ const EVENT: Record<CapsuleEvent["type"], pb.EventType> = {
   unlisten: pb.EventType.EVENT_TYPE_UNLISTEN,
   log: pb.EventType.EVENT_TYPE_LOG,
   exited: pb.EventType.EVENT_TYPE_EXITED,
+  exposed: pb.EventType.EVENT_TYPE_EXPOSED,
+  unexposed: pb.EventType.EVENT_TYPE_UNEXPOSED,
+  expose_refused: pb.EventType.EVENT_TYPE_EXPOSE_REFUSED,
 };
 
 /** Wire protocol enum → domain ("tcp" when unspecified). */
@@ -80,6 +83,8 @@ export function capsuleToPb(v: CapsuleView): pb.Capsule {
       env: r.spec.env,
       labels: r.spec.labels,
       ports: r.spec.ports.map(portToPb),
+      egressKbps: r.spec.egressKbps,
+      allowFrom: r.spec.allowFrom,
     },
     imageId: r.imageId,
     createdAt: new Date(r.createdAt),
@@ -93,11 +98,21 @@ export function capsuleToPb(v: CapsuleView): pb.Capsule {
         guestResidentKib: v.memory.guestResidentKib,
       }
       : undefined,
-    ports: (r.runtime?.ports ?? []).map(portToPb),
+    ports: (r.runtime?.ports ?? (r.net?.backend === "bridge" ? r.net.hostPorts : [])).map(portToPb),
     hostAddress: r.runtime?.hostAddress ?? "",
     accelerator: r.runtime?.accelerator ?? "",
     exitCode: r.exitCode,
     listening: (r.listening ?? []).map(listenToPb),
+    network: r.net
+      ? {
+        backend: r.net.backend,
+        address: `${r.net.ip}/${r.net.prefix}`,
+        gateway: r.net.gateway,
+        mac: r.net.mac,
+        tap: r.net.tap ?? "",
+      }
+      : undefined,
+    exposed: (r.exposed ?? []).map(portToPb),
   };
 }
 
@@ -115,6 +130,7 @@ export function eventToPb(e: CapsuleEvent): pb.Event {
     port: e.port ? listenToPb(e.port) : undefined,
     log: e.log ? logChunkToPb(e.log) : undefined,
     exit: e.exit,
+    mapping: e.mapping ? portToPb(e.mapping) : undefined,
   };
 }
 

@@ -36,6 +36,14 @@ const spec = z.object({
   ),
   labels: z.record(labelKey, shortText(256)).refine((r) => Object.keys(r).length <= 64, "at most 64 labels"),
   ports: z.array(port).max(64, "at most 64 ports"),
+  // 10 Gbit/s is far beyond what a capsule can send; larger values are typos.
+  egressKbps: z.number().int().min(0).max(10_000_000, "at most 10000000 (10 Gbit/s)"),
+  allowFrom: z.array(
+    z.string().min(1, "empty entry").max(128, "at most 128 characters").regex(
+      /^[a-z0-9][a-z0-9-]*$/,
+      "expected a capsule name or id",
+    ),
+  ).max(64, "at most 64 entries"),
 }, { message: "required" });
 
 export const CreateCapsuleSchema = z.object({ name, spec });

@@ -7,8 +7,19 @@ import { UnavailableError } from "../errors.ts";
 import type { GuestPort } from "../osserver/guest_messages.ts";
 import type { LogChunk } from "./app_log.ts";
 import type { CapsuleStateName } from "./states.ts";
+import type { PortMapping } from "./types.ts";
 
-export type EventType = "created" | "state_changed" | "deleted" | "listen" | "unlisten" | "log" | "exited";
+export type EventType =
+  | "created"
+  | "state_changed"
+  | "deleted"
+  | "listen"
+  | "unlisten"
+  | "log"
+  | "exited"
+  | "exposed"
+  | "unexposed"
+  | "expose_refused";
 
 /** One thing that happened to a capsule. */
 export interface CapsuleEvent {
@@ -20,8 +31,10 @@ export interface CapsuleEvent {
   state: CapsuleStateName;
   previousState?: CapsuleStateName;
   message: string;
-  /** listen, unlisten. */
+  /** listen, unlisten, expose_refused. */
   port?: GuestPort;
+  /** exposed, unexposed. */
+  mapping?: PortMapping;
   /** log. */
   log?: LogChunk;
   /** exited. */

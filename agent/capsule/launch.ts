@@ -6,16 +6,15 @@ import { LaunchConfig } from "../gen/flexcap/guest/v1/guest.ts";
 import type { ImageManifest } from "../image/manifest.ts";
 import type { Accelerator } from "../vmm/accel.ts";
 import { macForCapsule, type QemuLaunchSpec } from "../vmm/qemu_args.ts";
-import { USERMODE_GUEST } from "../net/usermode.ts";
+import type { LaunchNet } from "../net/network.ts";
 import { CMDLINE_DNS, CMDLINE_GW, CMDLINE_IP, CMDLINE_ROOT } from "../osserver/wire.ts";
 import type { CapsulePaths } from "./store.ts";
-import type { CapsuleRecord, PortMapping } from "./types.ts";
+import type { CapsuleRecord } from "./types.ts";
 
 /** Host settings that shape every launch. */
 export interface LaunchHost {
   accelerator: Accelerator;
   cpuModel: string;
-  hostAddress: string;
   kernelPath: string;
   initrdPath: string;
   /** The app's read-only root disk, if the image has one. */
@@ -48,13 +47,13 @@ export function guestCmdline(net: { addressCidr: string; gateway: string; dns: s
   return parts.join(" ");
 }
 
-/** The QEMU launch spec for `rec` with resolved `ports`. */
+/** The QEMU launch spec for `rec` on the network `net` gives it. */
 export function qemuSpec(
   rec: CapsuleRecord,
   image: ImageManifest,
   paths: CapsulePaths,
   host: LaunchHost,
-  ports: PortMapping[],
+  net: LaunchNet,
   incoming: boolean,
 ): QemuLaunchSpec {
   return {
@@ -66,16 +65,12 @@ export function qemuSpec(
     kernelPath: host.kernelPath,
     initrdPath: host.initrdPath,
     rootfsPath: host.rootfsPath,
-    cmdline: [image.cmdline, host.hostCmdline, guestCmdline(USERMODE_GUEST, host.rootfsPath !== undefined)]
+    cmdline: [image.cmdline, host.hostCmdline, guestCmdline(net.guest, host.rootfsPath !== undefined)]
       .filter((s) => s !== "").join(" "),
     acpi: image.acpi,
-    macAddress: macForCapsule(rec.id),
-    forwards: ports.map((p) => ({
-      protocol: p.protocol,
-      hostAddress: host.hostAddress,
-      hostPort: p.hostPort,
-      guestPort: p.guestPort,
-    })),
+    // The record's MAC: it must stay the same across restarts and migrations (ARP, FDB).
+    macAddress: rec.net?.mac ?? macForCapsule(rec.id),
+    netdev: net.netdev,
     qmpSocket: paths.qmpSocket,
     osSocket: paths.osSocket,
     consoleLog: paths.console,

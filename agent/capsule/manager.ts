@@ -15,7 +15,8 @@ import {
 import type { ImageStore } from "../image/store.ts";
 import type { ImageManifest } from "../image/manifest.ts";
 import type { Logger } from "../log.ts";
-import { portKey, resolvePorts } from "../net/usermode.ts";
+import type { LaunchNet, NetworkBackend } from "../net/network.ts";
+import { portKey } from "../net/ports.ts";
 import { diffPorts, type GuestLog, type GuestPort } from "../osserver/guest_messages.ts";
 import { atomicWrite } from "../state/atomic.ts";
 import type { AccelChoice } from "../vmm/accel.ts";
@@ -30,7 +31,7 @@ import { encodeLaunchConfig, type LaunchHost, qemuSpec } from "./launch.ts";
 import { KeyedMutex } from "./lock.ts";
 import { assertTransition, type CapsuleStateName, QEMU_STATES, requireState } from "./states.ts";
 import type { CapsuleStore } from "./store.ts";
-import type { CapsuleRecord, CapsuleSpec } from "./types.ts";
+import type { CapsuleRecord, CapsuleSpec, PortMapping } from "./types.ts";
 
 /** A capsule plus live figures, as returned to callers. */
 export interface CapsuleView {
@@ -47,6 +48,8 @@ export interface ManagerDeps {
   bus: EventBus;
   accel: AccelChoice;
   budget: MemoryBudget;
+  /** The instance network: addresses, taps, host ports and rules. */
+  net: NetworkBackend;
   /** Resolves an image's kernel, initrd, root disk and host kernel arguments. */
   bootFiles(
     image: ImageManifest,
@@ -57,6 +60,7 @@ const SAVE_TIMEOUT_MS = 120_000;
 const RESTORE_TIMEOUT_MS = 120_000;
 const KILL_WAIT_MS = 5_000;
 const RECONNECT_BEFORE_RESUME_MS = 2_000;
+const CREATE_LOCK = "#create";
 
 /** Owns all capsules of this agent. */
 export class CapsuleManager {
@@ -65,6 +69,8 @@ export class CapsuleManager {
   #links = new Map<string, GuestLink>();
   #appLogs = new Map<string, AppLogWriter>();
   #exitCodes = new Map<string, number>();
+  /** Listens already reported as refused, per capsule ("port/proto"), so each is reported once. */
+  #refused = new Map<string, Set<string>>();
   #lock = new KeyedMutex();
   #log: Logger;
 
@@ -75,6 +81,8 @@ export class CapsuleManager {
   /** Loads records and re-adopts or settles every capsule (see reconcile()). */
   async open(): Promise<void> {
     for (const rec of await this.deps.store.loadAll()) this.#records.set(rec.id, rec);
+    // Taps and rules first, from the persisted exposures: capsules stay reachable while we re-adopt.
+    await this.deps.net.open(this.list());
     for (const rec of [...this.#records.values()]) {
       await this.#lock.run(rec.id, () => this.#reconcile(rec));
     }
@@ -143,7 +151,6 @@ export class CapsuleManager {
       );
     }
     checkFits(this.deps.budget, 0, spec.memoryMib, "spec.memory_mib");
-    this.#checkFixedPorts(spec, undefined);
     const now = new Date().toISOString();
     const rec: CapsuleRecord = {
       id: `c-${crypto.randomUUID().replaceAll("-", "").slice(0, 12)}`,
@@ -155,18 +162,30 @@ export class CapsuleManager {
       createdAt: now,
       updatedAt: now,
     };
-    return await this.#lock.run(rec.id, async () => {
-      // Re-check under the lock: two creates with one name may race.
+    // Creates run one at a time: names, addresses and host ports are allocated against all records.
+    return await this.#lock.run(CREATE_LOCK, async () => {
       if ([...this.#records.values()].some((r) => r.name === name)) throw new AlreadyExistsError("capsule", name);
+      this.#checkFixedPorts(spec, undefined);
+      rec.net = await this.deps.net.attach(rec, this.list());
       this.#records.set(rec.id, rec);
       try {
         await this.deps.store.create(rec);
+        await this.deps.net.sync(); // its tap's guard chain, before anything can run on it
       } catch (err) {
         this.#records.delete(rec.id);
+        await this.deps.store.remove(rec.id).catch(() => {});
+        await this.deps.net.sync().catch(() => {});
+        await this.deps.net.detach(rec).catch(() => {});
         throw err;
       }
       this.#publish(rec, "created", undefined, "created");
-      this.#log.info("capsule created", { capsule: rec.id, name, image: image.name, memoryMib: spec.memoryMib });
+      this.#log.info("capsule created", {
+        capsule: rec.id,
+        name,
+        image: image.name,
+        memoryMib: spec.memoryMib,
+        ip: rec.net.ip,
+      });
       return this.view(rec);
     });
   }
@@ -177,7 +196,7 @@ export class CapsuleManager {
       requireState(rec.name, rec.state, "start", ["created", "stopped"]);
       checkFits(this.deps.budget, this.committedMib(rec.id), rec.spec.memoryMib, `capsule "${rec.name}"`);
       const manifest = await this.deps.images.manifestById(rec.imageId);
-      const ports = this.#resolvePorts(rec);
+      const net = await this.#launchNet(rec);
       const paths = this.deps.store.paths(rec.id);
       await atomicWrite(paths.launchConfig, encodeLaunchConfig(rec, manifest));
       await this.#setState(rec, "starting", "starting qemu");
@@ -185,7 +204,7 @@ export class CapsuleManager {
       try {
         vm = await QemuVm.launch(
           this.deps.config.qemu_binary,
-          qemuSpec(rec, manifest, paths, await this.#host(manifest), ports, false),
+          qemuSpec(rec, manifest, paths, await this.#host(manifest), net, false),
           this.#log.with({ capsule: rec.id }),
         );
       } catch (err) {
@@ -196,7 +215,7 @@ export class CapsuleManager {
       }
       rec.exitCode = undefined;
       this.#exitCodes.delete(rec.id); // a code from the previous run must not be reported for this one
-      this.#attach(rec, vm, ports, false);
+      this.#attach(rec, vm, net, false);
       await this.#setState(rec, "running", "started");
       return this.view(rec);
     });
@@ -220,6 +239,12 @@ export class CapsuleManager {
       await this.deps.store.remove(rec.id);
       this.#records.delete(rec.id);
       this.#exitCodes.delete(rec.id);
+      this.#refused.delete(rec.id);
+      // Rules first (they name the tap), then the tap; the address is free once the record is gone.
+      await this.deps.net.sync().catch((err) => this.#log.warn("network sync after delete failed", { error: err }));
+      await this.deps.net.detach(rec).catch((err) =>
+        this.#log.warn("could not remove capsule network; it is swept at next start", { capsule: rec.id, error: err })
+      );
       this.#publish(rec, "deleted", rec.state, "deleted");
       this.#log.info("capsule deleted", { capsule: rec.id, name: rec.name });
     });
@@ -282,18 +307,18 @@ export class CapsuleManager {
       checkFits(this.deps.budget, this.committedMib(rec.id), rec.spec.memoryMib, `capsule "${rec.name}"`);
       const manifest = await this.deps.images.manifestById(rec.imageId);
       const paths = this.deps.store.paths(rec.id);
-      const ports = this.#resolvePorts(rec);
+      const net = await this.#launchNet(rec);
       await this.#setState(rec, "restoring", "restoring state");
       let vm: QemuVm | undefined;
       try {
         vm = await QemuVm.launch(
           this.deps.config.qemu_binary,
-          qemuSpec(rec, manifest, paths, await this.#host(manifest), ports, true),
+          qemuSpec(rec, manifest, paths, await this.#host(manifest), net, true),
           this.#log.with({ capsule: rec.id }),
         );
         await vm.loadFrom(paths.stateFile, RESTORE_TIMEOUT_MS);
         // Reconnect the OS channel before the guest runs, so none of its output is lost.
-        this.#attach(rec, vm, ports, true);
+        this.#attach(rec, vm, net, true);
         if (!await this.#links.get(rec.id)!.connected(RECONNECT_BEFORE_RESUME_MS)) {
           this.#log.warn("os channel not connected before resume", { capsule: rec.id });
         }
@@ -356,24 +381,27 @@ export class CapsuleManager {
     return {
       accelerator: this.deps.accel.accelerator,
       cpuModel: this.deps.config.cpu_model,
-      hostAddress: this.deps.config.network.host_address,
       tcgTbSizeMib: this.deps.config.tcg_tb_size_mib,
       ...boot,
     };
   }
 
-  #heldPorts(exceptId: string): Set<string> {
-    const held = new Set<string>();
-    for (const r of this.#records.values()) {
-      if (r.id === exceptId || !QEMU_STATES.has(r.state)) continue;
-      for (const p of r.runtime?.ports ?? []) held.add(portKey(p.hostPort, p.protocol));
+  // The network part of a launch. A record from another backend (or from before the network
+  // existed) gets an identity from this one first; only stopped capsules get here that way.
+  async #launchNet(rec: CapsuleRecord): Promise<LaunchNet> {
+    const others = this.list().filter((r) => r.id !== rec.id);
+    if (rec.net?.backend !== this.deps.net.kind) {
+      const old = rec.net;
+      rec.net = await this.deps.net.attach(rec, others);
+      await this.deps.store.save(rec);
+      await this.deps.net.sync();
+      this.#log.info("capsule moved to this agent's network backend", {
+        capsule: rec.id,
+        from: old?.backend ?? "none",
+        to: rec.net.backend,
+      });
     }
-    return held;
-  }
-
-  #resolvePorts(rec: CapsuleRecord) {
-    const net = this.deps.config.network;
-    return resolvePorts(rec.spec.ports, this.#heldPorts(rec.id), net.host_address, net.port_range);
+    return this.deps.net.launch(rec, others);
   }
 
   // Fixed host ports may not be promised to two capsules.
@@ -399,14 +427,14 @@ export class CapsuleManager {
   }
 
   // `knownGuest`: the guest was running before this QEMU (restore) or this agent (re-adoption).
-  #attach(rec: CapsuleRecord, vm: QemuVm, ports: CapsuleRecord["spec"]["ports"], knownGuest: boolean): void {
+  #attach(rec: CapsuleRecord, vm: QemuVm, net: Pick<LaunchNet, "ports" | "hostAddress">, knownGuest: boolean): void {
     this.#vms.set(rec.id, vm);
     rec.runtime = {
       pid: vm.ident.pid,
       startTicks: vm.ident.startTicks,
       accelerator: this.deps.accel.accelerator,
-      ports,
-      hostAddress: this.deps.config.network.host_address,
+      ports: net.ports,
+      hostAddress: net.hostAddress,
     };
     this.#link(rec, vm, knownGuest);
     void vm.exited.then((exit) =>
@@ -458,19 +486,51 @@ export class CapsuleManager {
 
   // Records the guest's listening set and publishes what changed; persisted so the network
   // layer can rebuild exposure from the state dir after an agent restart.
+  // Exposure follows: allowed listens get their host port (DNAT), the rest are refused once.
   async #setListening(rec: CapsuleRecord, ports: GuestPort[]): Promise<void> {
     const { added, removed } = diffPorts(rec.listening ?? [], ports);
     if (added.length === 0 && removed.length === 0) return;
+    const ex = this.deps.net.decide(rec, ports);
+    const before = rec.exposed ?? [];
     rec.listening = ports;
+    rec.exposed = ex.exposed;
+    if (ex.added.length > 0 || ex.removed.length > 0) {
+      try {
+        await this.deps.net.sync();
+      } catch (err) {
+        // Keep the record truthful: what could not be applied is not exposed.
+        rec.exposed = before;
+        this.#log.error("could not apply exposure", { capsule: rec.id, error: err });
+        ex.added = [];
+        ex.removed = [];
+      }
+    }
     await this.deps.store.save(rec);
     for (const p of removed) {
       this.#publish(rec, "unlisten", undefined, `stopped listening on ${p.port}/${p.protocol}`, { port: p });
     }
     for (const p of added) this.#publish(rec, "listen", undefined, `listening on ${p.port}/${p.protocol}`, { port: p });
+    this.#publishExposure(rec, ex.added, ex.removed, "");
+    const seen = this.#refused.get(rec.id) ?? new Set<string>();
+    const now = new Set(ex.refused.map((r) => portKey(r.port.port, r.port.protocol)));
+    for (const r of ex.refused) {
+      const k = portKey(r.port.port, r.port.protocol);
+      if (seen.has(k)) continue;
+      this.#log.warn("listen refused", { capsule: rec.id, port: k, reason: r.reason });
+      this.#publish(rec, "expose_refused", undefined, `not exposing ${k}: ${r.reason}`, { port: r.port });
+    }
+    this.#refused.set(rec.id, now); // a port that stops and starts listening again is judged afresh
     this.#log.info("guest listening set changed", {
       capsule: rec.id,
       listening: ports.map((p) => `${p.port}/${p.protocol}`),
+      exposed: (rec.exposed ?? []).map((p) => `${p.hostPort}->${p.guestPort}/${p.protocol}`),
     });
+  }
+
+  #publishExposure(rec: CapsuleRecord, added: PortMapping[], removed: PortMapping[], why: string): void {
+    const addr = (p: PortMapping) => `${p.hostPort}/${p.protocol} -> ${rec.net?.ip ?? "guest"}:${p.guestPort}`;
+    for (const p of removed) this.#publish(rec, "unexposed", undefined, `unexposed ${addr(p)}${why}`, { mapping: p });
+    for (const p of added) this.#publish(rec, "exposed", undefined, `exposed ${addr(p)}`, { mapping: p });
   }
 
   #forget(id: string): void {
@@ -520,11 +580,20 @@ export class CapsuleManager {
     rec.stateReason = reason;
     rec.updatedAt = new Date().toISOString();
     const gone = !QEMU_STATES.has(to) ? this.#clearListening(rec) : [];
-    if (!QEMU_STATES.has(to)) rec.runtime = undefined;
+    const unexposed = !QEMU_STATES.has(to) ? rec.exposed ?? [] : [];
+    if (!QEMU_STATES.has(to)) {
+      rec.runtime = undefined;
+      rec.exposed = undefined;
+      this.#refused.delete(rec.id);
+    }
     await this.deps.store.save(rec);
+    if (unexposed.length > 0) {
+      await this.deps.net.sync().catch((err) => this.#log.error("could not withdraw exposure", { error: err }));
+    }
     for (const p of gone) {
       this.#publish(rec, "unlisten", undefined, `stopped listening on ${p.port}/${p.protocol}: ${reason}`, { port: p });
     }
+    this.#publishExposure(rec, [], unexposed, `: ${reason}`);
     this.#publish(rec, "state_changed", from, reason);
   }
 
@@ -540,7 +609,7 @@ export class CapsuleManager {
     type: CapsuleEvent["type"],
     prev: CapsuleStateName | undefined,
     msg: string,
-    extra: Pick<CapsuleEvent, "port" | "log" | "exit"> = {},
+    extra: Pick<CapsuleEvent, "port" | "log" | "exit" | "mapping"> = {},
   ): void {
     this.deps.bus.publish({
       type,
@@ -574,7 +643,7 @@ export class CapsuleManager {
       return;
     }
     const status = await vm.status();
-    const ports = rec.runtime!.ports;
+    const net = { ports: rec.runtime!.ports, hostAddress: rec.runtime!.hostAddress };
     if (rec.state === "restoring" && status === "inmigrate") {
       vm.kill();
       vm.detach();
@@ -584,7 +653,7 @@ export class CapsuleManager {
     if (rec.state === "saving" && rec.savedFrom === "running" && status !== "running") {
       await vm.resume().catch(() => {}); // save interrupted: the guest carries on
     }
-    this.#attach(rec, vm, ports, true);
+    this.#attach(rec, vm, net, true);
     const now = await vm.status();
     const to: CapsuleStateName = now === "running" ? "running" : "paused";
     log.info("re-adopted running qemu", { pid: vm.ident.pid, status: now });

@@ -32,6 +32,9 @@ const RecordSchema = z.object({
       env: z.record(z.string(), z.string()),
       labels: z.record(z.string(), z.string()),
       ports: z.array(PortSchema),
+      // Absent in records written before the network issue.
+      egressKbps: z.number().int().min(0).default(0),
+      allowFrom: z.array(z.string()).default([]),
     }),
     state: z.enum(CAPSULE_STATES),
     stateReason: z.string(),
@@ -47,6 +50,17 @@ const RecordSchema = z.object({
     exitCode: z.number().int().optional(),
     listening: z.array(z.object({ port: z.number().int(), protocol: z.enum(["tcp", "udp"]) })).optional(),
     savedFrom: z.enum(["running", "paused"]).optional(),
+    net: z.object({
+      backend: z.enum(["bridge", "usermode"]),
+      ip: z.string().regex(/^\d+\.\d+\.\d+\.\d+$/),
+      prefix: z.number().int().min(0).max(32),
+      gateway: z.string(),
+      dns: z.string(),
+      mac: z.string().regex(/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/),
+      tap: z.string().regex(/^[a-z0-9]{1,15}$/).optional(),
+      hostPorts: z.array(PortSchema),
+    }).optional(),
+    exposed: z.array(PortSchema).optional(),
   }),
 });
 

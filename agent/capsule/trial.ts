@@ -60,13 +60,18 @@ export async function bootTrial(
     env: {},
     labels: { "flexcap.io/measure": image.name },
     ports: [{ guestPort: probe.guestPort, hostPort: 0, protocol: "tcp" }],
+    egressKbps: 0,
+    allowFrom: [],
   }, { belowImageMinimum: true });
   const id = view.record.id;
   try {
     const started = (await manager.start(id)).record;
-    const fwd = started.runtime!.ports[0];
+    // On the bridge the agent reaches the guest's address directly, without waiting for exposure.
+    const target = started.net?.backend === "bridge"
+      ? { host: started.net.ip, port: probe.guestPort }
+      : { host: started.runtime!.hostAddress, port: started.runtime!.ports[0].hostPort };
     const r = await probeUntil(
-      { host: started.runtime!.hostAddress, port: fwd.hostPort, send: probe.send, expect: probe.expect },
+      { ...target, send: probe.send, expect: probe.expect },
       Date.now() + TRIAL_TIMEOUT_MS,
       () => manager.resolve(id).state === "running",
     );

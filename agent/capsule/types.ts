@@ -23,6 +23,25 @@ export interface CapsuleSpec {
   env: Record<string, string>;
   labels: Record<string, string>;
   ports: PortMapping[];
+  /** Egress limit in kbit/s; 0 = none. */
+  egressKbps: number;
+  /** Names or ids of capsules (on this agent) whose traffic may reach this one. */
+  allowFrom: string[];
+}
+
+/** A capsule's network identity, fixed when it is created and kept for life. */
+export interface CapsuleNet {
+  backend: "bridge" | "usermode";
+  /** Guest address and the prefix it is configured with. */
+  ip: string;
+  prefix: number;
+  gateway: string;
+  dns: string;
+  mac: string;
+  /** The tap on the instance bridge (bridge backend). */
+  tap?: string;
+  /** spec.ports with host ports resolved (bridge: reserved at create; usermode: at each start). */
+  hostPorts: PortMapping[];
 }
 
 /** Facts about the QEMU process currently running the capsule. */
@@ -50,6 +69,10 @@ export interface CapsuleRecord {
   exitCode?: number;
   /** Ports the app listens on, as capsule-init last reported them; empty while no QEMU runs. */
   listening?: GuestPort[];
+  /** Network identity (absent only in records written before the network existed). */
+  net?: CapsuleNet;
+  /** Host ports DNAT'ed to the capsule now: the allowed ports its app listens on. */
+  exposed?: PortMapping[];
   /** Run state at the moment of the last save, restored with it. */
   savedFrom?: "running" | "paused";
 }

@@ -62,7 +62,11 @@ function parsePort(s: string, i: number) {
 }
 
 function capsuleRow(c: Capsule): string[] {
-  const ports = c.ports.map((p) => `${c.hostAddress}:${p.hostPort}->${p.guestPort}`).join(",");
+  // Ports marked (idle) wait for the app to listen; the others reach it now. '*': every instance address.
+  const exposed = new Set(c.exposed.map((p) => `${p.hostPort}/${p.protocol}`));
+  const ports = c.ports.map((p) =>
+    `${c.hostAddress || "*"}:${p.hostPort}->${p.guestPort}${exposed.has(`${p.hostPort}/${p.protocol}`) ? "" : "(idle)"}`
+  ).join(",");
   const memory = c.memory
     ? `${c.spec?.memoryMib}M (+${Math.round(c.memory.qemuOverheadKib / 1024)}M)`
     : `${c.spec?.memoryMib}M`;
@@ -71,6 +75,7 @@ function capsuleRow(c: Capsule): string[] {
     c.name,
     c.id,
     stateName(c.state),
+    c.network?.address.replace(/\/\d+$/, "") ?? "-",
     memory,
     c.qemuPid ? String(c.qemuPid) : "-",
     ports || "-",
@@ -81,7 +86,9 @@ function capsuleRow(c: Capsule): string[] {
 
 function printCapsules(list: Capsule[], asJson: boolean): void {
   if (asJson) return console.log(json(list.length === 1 ? list[0] : list));
-  console.log(table(["NAME", "ID", "STATE", "MEMORY", "PID", "PORTS", "LISTENING", "REASON"], list.map(capsuleRow)));
+  console.log(
+    table(["NAME", "ID", "STATE", "IP", "MEMORY", "PID", "PORTS", "LISTENING", "REASON"], list.map(capsuleRow)),
+  );
 }
 
 function printImages(list: Image[], asJson: boolean): void {
@@ -135,6 +142,8 @@ async function run(c: FlexcapClient, noun: string, verb: string | undefined, res
             port: { type: "string", multiple: true },
             env: { type: "string", multiple: true },
             label: { type: "string", multiple: true },
+            "egress-kbps": { type: "string" },
+            "allow-from": { type: "string", multiple: true },
           },
         });
         if (!positionals[0] || !values.image) throw new UsageError("capsule create NAME --image IMG");
@@ -148,6 +157,8 @@ async function run(c: FlexcapClient, noun: string, verb: string | undefined, res
             env: pairs(values.env, "--env"),
             labels: pairs(values.label, "--label"),
             ports: (values.port ?? []).map(parsePort),
+            egressKbps: Number(values["egress-kbps"] ?? 0),
+            allowFrom: values["allow-from"] ?? [],
           },
         });
         return printCapsules([r.capsule!], asJson);

@@ -3,18 +3,22 @@
  *
  *   flexcapd serve [--config FILE] [--state-dir DIR] [--api unix:PATH|tcp:HOST:PORT]
  *                  [--tls-cert F --tls-key F [--tls-ca F]] [--accel auto|kvm|tcg] [--log-level L]
+ *                  [--network-backend auto|bridge|usermode]
+ *   flexcapd uninstall [--config FILE] [--state-dir DIR] [--force]
  *   flexcapd version
  */
 import { parseArgs } from "node:util";
 import { loadConfig } from "../config/load.ts";
-import { startAgent } from "../agent.ts";
+import { startAgent, uninstall } from "../agent.ts";
 import { FlexError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { VERSION } from "../version.ts";
 
 const USAGE = `usage: flexcapd serve [--config FILE] [--state-dir DIR] [--api unix:PATH|tcp:HOST:PORT]
                      [--tls-cert FILE --tls-key FILE [--tls-ca FILE]] [--accel auto|kvm|tcg]
-                     [--log-level debug|info|warn|error]
+                     [--log-level debug|info|warn|error] [--network-backend auto|bridge|usermode]
+       flexcapd uninstall [--config FILE] [--state-dir DIR] [--force]
+           removes the capsule network (nftables table, taps, bridge); --force kills running capsules
        flexcapd version`;
 
 async function main(argv: string[]): Promise<number> {
@@ -30,6 +34,8 @@ async function main(argv: string[]): Promise<number> {
       "tls-ca": { type: "string" },
       accel: { type: "string" },
       "log-level": { type: "string" },
+      "network-backend": { type: "string" },
+      force: { type: "boolean" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -42,7 +48,7 @@ async function main(argv: string[]): Promise<number> {
     console.log(`flexcapd ${VERSION}`);
     return 0;
   }
-  if (cmd !== "serve") {
+  if (cmd !== "serve" && cmd !== "uninstall") {
     console.error(`flexcapd: unknown command "${cmd}"\n${USAGE}`);
     return 2;
   }
@@ -55,8 +61,13 @@ async function main(argv: string[]): Promise<number> {
     tls,
     accelerator: values.accel,
     log_level: values["log-level"],
+    "network.backend": values["network-backend"],
   });
   const log = logger({ component: "flexcapd" });
+  if (cmd === "uninstall") {
+    for (const line of await uninstall(config, log, { force: values.force ?? false })) console.log(line);
+    return 0;
+  }
   const agent = await startAgent(config, log);
   const stop = async (sig: string) => {
     log.info("signal received; shutting down", { signal: sig });

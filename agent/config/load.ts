@@ -2,6 +2,8 @@
  * Loads the config file (YAML) and applies flag overrides, all through ConfigSchema,
  * so every error names the offending key and where it came from.
  */
+import { bridgePlan } from "../net/plan.ts";
+import { chooseBackend } from "../net/select.ts";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
 import { InvalidArgumentError } from "../errors.ts";
@@ -38,6 +40,13 @@ export function parseConfig(text: string, source: string, overrides: ConfigOverr
   }
   if (cfg.network.port_range[0] > cfg.network.port_range[1]) {
     throw new InvalidArgumentError(source, "network.port_range: first port must not exceed the second");
+  }
+  if (chooseBackend(cfg.network).kind === "bridge") {
+    try {
+      bridgePlan(cfg.network);
+    } catch (err) {
+      throw new InvalidArgumentError(source, (err as Error).message);
+    }
   }
   return cfg;
 }

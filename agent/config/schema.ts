@@ -36,13 +36,32 @@ export const ConfigSchema = z.strictObject({
     reserve_mib: z.number().int().min(0).default(512),
   }).default({ overcommit_ratio: 1.0, reserve_mib: 512 }),
   network: z.strictObject({
-    backend: z.enum(["usermode"]).default("usermode"),
-    // Forwards bind here; loopback keeps capsules private until the network issue lands.
+    // auto: the bridge backend when running as root, else usermode (QEMU slirp, for rootless dev).
+    backend: z.enum(["auto", "bridge", "usermode"]).default("auto"),
+    // usermode only: where slirp binds forwarded ports; loopback keeps dev capsules private.
     host_address: z.string().default("127.0.0.1"),
     // Range for host_port 0 ("auto").
     port_range: z.tuple([z.number().int().min(1024).max(65535), z.number().int().min(1024).max(65535)])
       .default([20000, 29999]),
-  }).default({ backend: "usermode", host_address: "127.0.0.1", port_range: [20000, 29999] }),
+    // Bridge backend.
+    bridge: z.string().regex(/^[a-z][a-z0-9]{0,7}$/, { message: "expected 1-8 lowercase letters/digits" })
+      .default("fc0"),
+    // Capsule addresses of the whole cluster; every agent must be configured with the same value.
+    cluster_cidr: z.string().default("10.200.0.0/16"),
+    // The anycast gateway: the same address and MAC on every instance, so a capsule that moves
+    // keeps its route and ARP entry. Default: the first address of cluster_cidr.
+    gateway: z.string().optional(),
+    gateway_mac: z.string().regex(/^02(:[0-9a-f]{2}){5}$/, {
+      message: "expected a locally administered unicast MAC 02:xx:xx:xx:xx:xx (lowercase)",
+    }).default("02:fc:00:00:00:01"),
+    // This agent's own slice of cluster_cidr: `slice` as a CIDR, or slice number `node_index`
+    // of size /slice_prefix. Slices must not overlap between agents.
+    slice: z.string().optional(),
+    node_index: z.number().int().min(0).default(0),
+    slice_prefix: z.number().int().min(8).max(30).default(24),
+    // DNS server handed to capsules; default: the first non-loopback nameserver of /etc/resolv.conf.
+    dns: z.string().optional(),
+  }).prefault({}),
   // How long a guest gets to power off before QEMU is killed.
   stop_grace_ms: z.number().int().min(0).max(600_000).default(10_000),
   // Where downloaded kernels are cached (outside the state dir: shared, re-creatable).

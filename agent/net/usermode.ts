@@ -1,66 +1,87 @@
 /**
  * The user-mode (QEMU slirp) network backend: no root needed, capsules reach out through
- * QEMU, and declared ports are forwarded from the instance's host address. Kept as the
- * rootless/dev backend once the bridge backend exists.
+ * QEMU, and declared ports are forwarded from one host address as soon as QEMU starts.
+ * For rootless development; it gives no isolation between capsules beyond QEMU's own.
  */
-import { FailedPreconditionError } from "../errors.ts";
-import type { PortMapping } from "../capsule/types.ts";
+import type { CapsuleNet, CapsuleRecord } from "../capsule/types.ts";
+import { QEMU_STATES } from "../capsule/states.ts";
+import type { GuestPort } from "../osserver/guest_messages.ts";
+import { type Exposure, type LaunchNet, minus, type NetworkBackend } from "./network.ts";
+import { portKey, resolvePorts } from "./ports.ts";
 
 /** Guest addressing slirp hands out; capsule-init configures it statically. */
 export const USERMODE_GUEST = { addressCidr: "10.0.2.15/24", gateway: "10.0.2.2", dns: "10.0.2.3" };
 
-/** "8080/tcp" style key of a host port. */
-export function portKey(port: number, protocol: string): string {
-  return `${port}/${protocol}`;
+/** Settings of the user-mode backend. */
+export interface UsermodeOptions {
+  hostAddress: string;
+  portRange: [number, number];
+  macFor(id: string): string;
 }
 
-/** True if nothing on the host holds `port` on `address` right now. */
-export function isPortFree(address: string, port: number, protocol: "tcp" | "udp"): boolean {
-  try {
-    if (protocol === "tcp") Deno.listen({ hostname: address, port, transport: "tcp" }).close();
-    else Deno.listenDatagram({ hostname: address, port, transport: "udp" }).close();
-    return true;
-  } catch {
-    return false;
-  }
-}
+/** Slirp networking: every capsule has the same private address behind its own QEMU. */
+export class UsermodeNetwork implements NetworkBackend {
+  readonly kind = "usermode";
+  constructor(private opts: UsermodeOptions) {}
 
-/**
- * Resolves host ports for a capsule: fixed ones must be free and not held by another
- * capsule, 0 takes the first free port of `range`. `held` holds "port/proto" keys in use.
- */
-export function resolvePorts(
-  ports: PortMapping[],
-  held: Set<string>,
-  address: string,
-  range: [number, number],
-  probe: (port: number, protocol: "tcp" | "udp") => boolean = (p, proto) => isPortFree(address, p, proto),
-): PortMapping[] {
-  const taken = new Set(held);
-  const out: PortMapping[] = [];
-  for (const [i, p] of ports.entries()) {
-    if (p.hostPort !== 0) {
-      const k = portKey(p.hostPort, p.protocol);
-      if (taken.has(k)) {
-        throw new FailedPreconditionError(`spec.ports[${i}].host_port: ${k} is held by another capsule`);
-      }
-      if (!probe(p.hostPort, p.protocol)) {
-        throw new FailedPreconditionError(`spec.ports[${i}].host_port: ${k} is in use on ${address}`);
-      }
-      taken.add(k);
-      out.push(p);
-      continue;
-    }
-    let chosen = 0;
-    for (let port = range[0]; port <= range[1]; port++) {
-      if (!taken.has(portKey(port, p.protocol)) && probe(port, p.protocol)) {
-        chosen = port;
-        break;
-      }
-    }
-    if (chosen === 0) throw new FailedPreconditionError(`spec.ports[${i}]: no free host port in ${range.join("-")}`);
-    taken.add(portKey(chosen, p.protocol));
-    out.push({ ...p, hostPort: chosen });
+  /** Nothing lives outside QEMU, so there is nothing to reconcile. */
+  open(): Promise<void> {
+    return Promise.resolve();
   }
-  return out;
+
+  /** Fixed identity; host ports are chosen at each start (slirp binds them then). */
+  attach(rec: CapsuleRecord): Promise<CapsuleNet> {
+    const [ip, prefix] = USERMODE_GUEST.addressCidr.split("/");
+    return Promise.resolve({
+      backend: "usermode",
+      ip,
+      prefix: Number(prefix),
+      gateway: USERMODE_GUEST.gateway,
+      dns: USERMODE_GUEST.dns,
+      mac: this.opts.macFor(rec.id),
+      hostPorts: rec.spec.ports,
+    });
+  }
+
+  /** Nothing to release. */
+  detach(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  /** Resolves host ports against other running capsules and the host, and forwards them all. */
+  launch(rec: CapsuleRecord, others: CapsuleRecord[]): LaunchNet {
+    const held = new Set<string>();
+    for (const r of others) {
+      if (!QEMU_STATES.has(r.state)) continue;
+      for (const p of r.runtime?.ports ?? []) held.add(portKey(p.hostPort, p.protocol));
+    }
+    const ports = resolvePorts(rec.spec.ports, held, this.opts.hostAddress, this.opts.portRange);
+    return {
+      netdev: {
+        kind: "user",
+        forwards: ports.map((p) => ({ ...p, hostAddress: this.opts.hostAddress })),
+      },
+      guest: USERMODE_GUEST,
+      ports,
+      hostAddress: this.opts.hostAddress,
+    };
+  }
+
+  /** Slirp forwards every declared port from the start; a listen only makes it answer. */
+  decide(rec: CapsuleRecord, listening: GuestPort[]): Exposure {
+    const ports = rec.runtime?.ports ?? [];
+    const exposed = ports.filter((p) => listening.some((l) => l.port === p.guestPort && l.protocol === p.protocol));
+    const before = rec.exposed ?? [];
+    return { exposed, added: minus(exposed, before), removed: minus(before, exposed), refused: [] };
+  }
+
+  /** Nothing to sync: QEMU holds the forwards. */
+  sync(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  /** Nothing to remove. */
+  uninstall(): Promise<void> {
+    return Promise.resolve();
+  }
 }

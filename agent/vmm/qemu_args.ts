@@ -32,7 +32,8 @@ export interface QemuLaunchSpec {
   cmdline: string;
   acpi: boolean;
   macAddress: string;
-  forwards: HostForward[];
+  /** slirp with host forwards (usermode), or a tap the agent created (bridge). */
+  netdev: { kind: "user"; forwards: HostForward[] } | { kind: "tap"; ifname: string };
   qmpSocket: string;
   osSocket: string;
   consoleLog: string;
@@ -47,8 +48,6 @@ export interface QemuLaunchSpec {
 /** The argv (without the binary) for `spec`. */
 export function buildQemuArgs(spec: QemuLaunchSpec): string[] {
   const accel = spec.accelerator === "kvm" ? "kvm" : `tcg,tb-size=${spec.tcgTbSizeMib}`;
-  const fwds = spec.forwards.map((f) => `,hostfwd=${f.protocol}:${f.hostAddress}:${f.hostPort}-:${f.guestPort}`)
-    .join("");
   const args = [
     // process= names the thread group so `ps` shows which capsule a QEMU belongs to;
     // guest= is checked by query-name when the agent re-adopts the process.
@@ -87,7 +86,7 @@ export function buildQemuArgs(spec: QemuLaunchSpec): string[] {
     "-serial",
     "chardev:console",
     "-netdev",
-    `user,id=net0,ipv6=off${fwds}`,
+    netdevArg(spec.netdev),
     "-device",
     `virtio-net-device,netdev=net0,mac=${spec.macAddress}`,
     "-device",
@@ -115,6 +114,16 @@ export function buildQemuArgs(spec: QemuLaunchSpec): string[] {
   }
   if (spec.incoming) args.push("-incoming", "defer");
   return args;
+}
+
+function netdevArg(n: QemuLaunchSpec["netdev"]): string {
+  if (n.kind === "tap") {
+    // The agent owns the tap's life (persistent, outlives QEMU): QEMU must not run scripts on it.
+    // vhost stays off: vhost-net needs /dev/vhost-net and KVM; under TCG it buys nothing.
+    return `tap,id=net0,ifname=${n.ifname},script=no,downscript=no`;
+  }
+  const fwds = n.forwards.map((f) => `,hostfwd=${f.protocol}:${f.hostAddress}:${f.hostPort}-:${f.guestPort}`);
+  return `user,id=net0,ipv6=off${fwds.join("")}`;
 }
 
 /** A stable, locally administered MAC derived from the capsule id. */

@@ -14,6 +14,8 @@ export interface TestAgent {
   stateDir: string;
   api: string;
   client: FlexcapClient;
+  /** The agent process's pid while it runs (the same process under `netns`: ip netns exec execs). */
+  pid(): number | undefined;
   /** The agent's stderr (JSON log lines) so far. */
   logs(): string;
   /** SIGKILLs the agent (its capsules keep running). */
@@ -33,6 +35,8 @@ export async function startTestAgent(
     env?: Record<string, string>;
     /** Where to reach the agent when extraArgs moves its API (e.g. to tcp: with TLS). */
     ready?: { api: string; tls?: { ca?: string; cert?: string; key?: string; serverName?: string } };
+    /** Runs the agent inside this network namespace (`ip netns exec`; see netns.ts). */
+    netns?: string;
   } = {},
 ): Promise<TestAgent> {
   const base = await Deno.makeTempDir({ prefix: "flexcap-test-" });
@@ -43,6 +47,10 @@ export async function startTestAgent(
     await Deno.writeTextFile(`${base}/config.yaml`, opts.configYaml);
     args.push("--config", `${base}/config.yaml`);
   }
+  // Outside a namespace of the test's own, the agent must not build a bridge and nft table in the
+  // host's network: it gets the rootless backend unless the caller chose one.
+  const chosen = (opts.extraArgs ?? []).includes("--network-backend") || /^\s*backend:/m.test(opts.configYaml ?? "");
+  if (!opts.netns && !chosen) args.push("--network-backend", "usermode");
   args.push(...(opts.extraArgs ?? []));
   let child: Deno.ChildProcess | undefined;
   let logText = "";
@@ -51,7 +59,10 @@ export async function startTestAgent(
   let env = opts.env ?? {};
 
   const spawn = async () => {
-    child = new Deno.Command(Deno.execPath(), { args, env, stdin: "null", stdout: "null", stderr: "piped" }).spawn();
+    // ip netns exec enters the namespace and execs the agent, so `child` is still the agent itself.
+    const cmd = opts.netns ? ["ip", "netns", "exec", opts.netns, Deno.execPath(), ...args] : [Deno.execPath(), ...args];
+    child = new Deno.Command(cmd[0], { args: cmd.slice(1), env, stdin: "null", stdout: "null", stderr: "piped" })
+      .spawn();
     const reader = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
     pump = (async () => {
       for (;;) {
@@ -80,6 +91,7 @@ export async function startTestAgent(
     get client() {
       return client!;
     },
+    pid: () => child?.pid,
     logs: () => logText,
     async kill9() {
       client?.close();
@@ -95,7 +107,9 @@ export async function startTestAgent(
     async cleanup() {
       client?.close();
       if (child) {
-        child.kill("SIGTERM");
+        try {
+          child.kill("SIGTERM");
+        } catch { /* already gone, e.g. its namespace was torn down first */ }
         await child.status;
         await pump;
       }

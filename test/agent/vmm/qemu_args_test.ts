@@ -12,7 +12,7 @@ const base: QemuLaunchSpec = {
   cmdline: "console=ttyS0",
   acpi: true,
   macAddress: "52:54:00:00:00:01",
-  forwards: [{ protocol: "tcp", hostAddress: "127.0.0.1", hostPort: 8080, guestPort: 80 }],
+  netdev: { kind: "user", forwards: [{ protocol: "tcp", hostAddress: "127.0.0.1", hostPort: 8080, guestPort: 80 }] },
   qmpSocket: "/s/qmp.sock",
   osSocket: "/s/os.sock",
   consoleLog: "/s/console.log",
@@ -38,6 +38,9 @@ Deno.test("qemu args describe a daemonized microvm with QMP, channel and fw_cfg"
   assert.deepEqual(opt(a, "-qmp"), ["unix:/s/qmp.sock,server=on,wait=off"]);
   assert.ok(a.includes("-daemonize") && a.includes("-no-reboot") && a.includes("-nodefaults"));
   assert.ok(!a.includes("-incoming"));
+  // The bridge network hands QEMU the agent's own persistent tap and forbids scripts on it.
+  const tap = buildQemuArgs({ ...base, netdev: { kind: "tap", ifname: "fc0123456789ab" } });
+  assert.deepEqual(opt(tap, "-netdev"), ["tap,id=net0,ifname=fc0123456789ab,script=no,downscript=no"]);
 });
 
 Deno.test("qemu args wait for an incoming stream on restore and use kvm when chosen", () => {

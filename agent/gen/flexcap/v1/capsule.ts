@@ -214,6 +214,12 @@ export enum EventType {
   EVENT_TYPE_LOG = 6,
   /** EVENT_TYPE_EXITED - The app exited (Event.exit); the guest powers off next. */
   EVENT_TYPE_EXITED = 7,
+  /** EVENT_TYPE_EXPOSED - A host port now reaches the capsule (Event.mapping). */
+  EVENT_TYPE_EXPOSED = 8,
+  /** EVENT_TYPE_UNEXPOSED - A host port no longer reaches the capsule (Event.mapping). */
+  EVENT_TYPE_UNEXPOSED = 9,
+  /** EVENT_TYPE_EXPOSE_REFUSED - The app listens on a port the agent will not expose (Event.port; why in message). */
+  EVENT_TYPE_EXPOSE_REFUSED = 10,
   UNRECOGNIZED = -1,
 }
 
@@ -243,6 +249,15 @@ export function eventTypeFromJSON(object: any): EventType {
     case 7:
     case "EVENT_TYPE_EXITED":
       return EventType.EVENT_TYPE_EXITED;
+    case 8:
+    case "EVENT_TYPE_EXPOSED":
+      return EventType.EVENT_TYPE_EXPOSED;
+    case 9:
+    case "EVENT_TYPE_UNEXPOSED":
+      return EventType.EVENT_TYPE_UNEXPOSED;
+    case 10:
+    case "EVENT_TYPE_EXPOSE_REFUSED":
+      return EventType.EVENT_TYPE_EXPOSE_REFUSED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -268,17 +283,27 @@ export function eventTypeToJSON(object: EventType): string {
       return "EVENT_TYPE_LOG";
     case EventType.EVENT_TYPE_EXITED:
       return "EVENT_TYPE_EXITED";
+    case EventType.EVENT_TYPE_EXPOSED:
+      return "EVENT_TYPE_EXPOSED";
+    case EventType.EVENT_TYPE_UNEXPOSED:
+      return "EVENT_TYPE_UNEXPOSED";
+    case EventType.EVENT_TYPE_EXPOSE_REFUSED:
+      return "EVENT_TYPE_EXPOSE_REFUSED";
     case EventType.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
 }
 
-/** A guest port exposed on the instance. */
+/**
+ * A guest port the capsule may expose on the instance. With the bridge network the host
+ * port is reserved when the capsule is created and exposed (DNAT) only while the app
+ * listens on the guest port.
+ */
 export interface PortMapping {
   /** Port the app listens on inside the capsule (1-65535). */
   guestPort: number;
-  /** Port on the instance; 0 picks a free one when the capsule starts. */
+  /** Port on the instance; 0 picks a free one from the agent's port range. */
   hostPort: number;
   /** TCP when unspecified. */
   protocol: Protocol;
@@ -298,8 +323,15 @@ export interface CapsuleSpec {
   env: { [key: string]: string };
   /** Free-form labels for selection. */
   labels: { [key: string]: string };
-  /** Ports to expose. */
+  /** Ports the capsule may expose: its allowance. A listen on any other port is refused. */
   ports: PortMapping[];
+  /** Egress bandwidth limit in kbit/s (shaped, bridge network only); 0 means none. */
+  egressKbps: number;
+  /**
+   * Capsules (names or ids on this agent) whose traffic may reach this capsule directly.
+   * Capsules are isolated from each other otherwise.
+   */
+  allowFrom: string[];
 }
 
 export interface CapsuleSpec_EnvEntry {
@@ -348,9 +380,12 @@ export interface Capsule {
   memory:
     | MemoryStats
     | undefined;
-  /** Ports as exposed on the instance (host_port resolved). */
+  /** spec.ports with host ports resolved (the capsule's reserved host ports). */
   ports: PortMapping[];
-  /** Address the ports are exposed on, e.g. "127.0.0.1". */
+  /**
+   * Address the ports are exposed on, e.g. "127.0.0.1"; empty means every address of the
+   * instance (bridge network).
+   */
   hostAddress: string;
   /** Accelerator QEMU uses for this capsule ("kvm" or "tcg"). */
   accelerator: string;
@@ -360,6 +395,25 @@ export interface Capsule {
     | undefined;
   /** Ports the app listens on inside the capsule, as capsule-init last reported them. */
   listening: ListenPort[];
+  /** The capsule's network identity, kept for its whole life. */
+  network:
+    | CapsuleNetwork
+    | undefined;
+  /** Ports exposed on the instance now: allowed ports the app listens on. */
+  exposed: PortMapping[];
+}
+
+/** Where a capsule sits on the instance network. */
+export interface CapsuleNetwork {
+  /** "bridge" or "usermode". */
+  backend: string;
+  /** Guest address with prefix length, e.g. "10.200.0.2/16" (cluster-unique with bridge). */
+  address: string;
+  /** Default gateway (the anycast gateway with bridge). */
+  gateway: string;
+  mac: string;
+  /** Tap device on the instance bridge (bridge only). */
+  tap: string;
 }
 
 /** A port a capsule's app listens on. */
@@ -518,7 +572,11 @@ export interface Event {
     | LogChunk
     | undefined;
   /** EXITED: how the app ended. */
-  exit: ExitStatus | undefined;
+  exit:
+    | ExitStatus
+    | undefined;
+  /** EXPOSED, UNEXPOSED: the host port and where it leads. */
+  mapping: PortMapping | undefined;
 }
 
 export interface StreamConsoleRequest {
@@ -658,7 +716,7 @@ export const PortMapping: MessageFns<PortMapping> = {
 };
 
 function createBaseCapsuleSpec(): CapsuleSpec {
-  return { image: "", memoryMib: 0, vcpus: 0, args: [], env: {}, labels: {}, ports: [] };
+  return { image: "", memoryMib: 0, vcpus: 0, args: [], env: {}, labels: {}, ports: [], egressKbps: 0, allowFrom: [] };
 }
 
 export const CapsuleSpec: MessageFns<CapsuleSpec> = {
@@ -683,6 +741,12 @@ export const CapsuleSpec: MessageFns<CapsuleSpec> = {
     });
     for (const v of message.ports) {
       PortMapping.encode(v!, writer.uint32(58).fork()).join();
+    }
+    if (message.egressKbps !== 0) {
+      writer.uint32(64).uint32(message.egressKbps);
+    }
+    for (const v of message.allowFrom) {
+      writer.uint32(74).string(v!);
     }
     return writer;
   },
@@ -762,6 +826,22 @@ export const CapsuleSpec: MessageFns<CapsuleSpec> = {
             message.ports.push(PortMapping.decode(reader, reader.uint32()));
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.egressKbps = reader.uint32();
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.allowFrom.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -815,6 +895,16 @@ export const CapsuleSpec: MessageFns<CapsuleSpec> = {
       ports: globalThis.Array.isArray(object?.ports)
         ? object.ports.map((e: any) => PortMapping.fromJSON(e))
         : [],
+      egressKbps: isSet(object.egressKbps)
+        ? globalThis.Number(object.egressKbps)
+        : isSet(object.egress_kbps)
+        ? globalThis.Number(object.egress_kbps)
+        : 0,
+      allowFrom: globalThis.Array.isArray(object?.allowFrom)
+        ? object.allowFrom.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.allow_from)
+        ? object.allow_from.map((e: any) => globalThis.String(e))
+        : [],
     };
   },
 
@@ -853,6 +943,12 @@ export const CapsuleSpec: MessageFns<CapsuleSpec> = {
     if (message.ports?.length) {
       obj.ports = message.ports.map((e) => PortMapping.toJSON(e));
     }
+    if (message.egressKbps !== 0) {
+      obj.egressKbps = Math.round(message.egressKbps);
+    }
+    if (message.allowFrom?.length) {
+      obj.allowFrom = message.allowFrom;
+    }
     return obj;
   },
 
@@ -884,6 +980,8 @@ export const CapsuleSpec: MessageFns<CapsuleSpec> = {
       {},
     );
     message.ports = object.ports?.map((e) => PortMapping.fromPartial(e)) || [];
+    message.egressKbps = object.egressKbps ?? 0;
+    message.allowFrom = object.allowFrom?.map((e) => e) || [];
     return message;
   },
 };
@@ -1208,6 +1306,8 @@ function createBaseCapsule(): Capsule {
     accelerator: "",
     exitCode: undefined,
     listening: [],
+    network: undefined,
+    exposed: [],
   };
 }
 
@@ -1257,6 +1357,12 @@ export const Capsule: MessageFns<Capsule> = {
     }
     for (const v of message.listening) {
       ListenPort.encode(v!, writer.uint32(122).fork()).join();
+    }
+    if (message.network !== undefined) {
+      CapsuleNetwork.encode(message.network, writer.uint32(130).fork()).join();
+    }
+    for (const v of message.exposed) {
+      PortMapping.encode(v!, writer.uint32(138).fork()).join();
     }
     return writer;
   },
@@ -1394,6 +1500,22 @@ export const Capsule: MessageFns<Capsule> = {
             message.listening.push(ListenPort.decode(reader, reader.uint32()));
             continue;
           }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.network = CapsuleNetwork.decode(reader, reader.uint32());
+            continue;
+          }
+          case 17: {
+            if (tag !== 138) {
+              break;
+            }
+
+            message.exposed.push(PortMapping.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1455,6 +1577,10 @@ export const Capsule: MessageFns<Capsule> = {
       listening: globalThis.Array.isArray(object?.listening)
         ? object.listening.map((e: any) => ListenPort.fromJSON(e))
         : [],
+      network: isSet(object.network) ? CapsuleNetwork.fromJSON(object.network) : undefined,
+      exposed: globalThis.Array.isArray(object?.exposed)
+        ? object.exposed.map((e: any) => PortMapping.fromJSON(e))
+        : [],
     };
   },
 
@@ -1505,6 +1631,12 @@ export const Capsule: MessageFns<Capsule> = {
     if (message.listening?.length) {
       obj.listening = message.listening.map((e) => ListenPort.toJSON(e));
     }
+    if (message.network !== undefined) {
+      obj.network = CapsuleNetwork.toJSON(message.network);
+    }
+    if (message.exposed?.length) {
+      obj.exposed = message.exposed.map((e) => PortMapping.toJSON(e));
+    }
     return obj;
   },
 
@@ -1532,6 +1664,143 @@ export const Capsule: MessageFns<Capsule> = {
     message.accelerator = object.accelerator ?? "";
     message.exitCode = object.exitCode ?? undefined;
     message.listening = object.listening?.map((e) => ListenPort.fromPartial(e)) || [];
+    message.network = (object.network !== undefined && object.network !== null)
+      ? CapsuleNetwork.fromPartial(object.network)
+      : undefined;
+    message.exposed = object.exposed?.map((e) => PortMapping.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseCapsuleNetwork(): CapsuleNetwork {
+  return { backend: "", address: "", gateway: "", mac: "", tap: "" };
+}
+
+export const CapsuleNetwork: MessageFns<CapsuleNetwork> = {
+  encode(message: CapsuleNetwork, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.backend !== "") {
+      writer.uint32(10).string(message.backend);
+    }
+    if (message.address !== "") {
+      writer.uint32(18).string(message.address);
+    }
+    if (message.gateway !== "") {
+      writer.uint32(26).string(message.gateway);
+    }
+    if (message.mac !== "") {
+      writer.uint32(34).string(message.mac);
+    }
+    if (message.tap !== "") {
+      writer.uint32(42).string(message.tap);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CapsuleNetwork {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCapsuleNetwork();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.backend = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.address = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.gateway = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.mac = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.tap = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CapsuleNetwork {
+    return {
+      backend: isSet(object.backend) ? globalThis.String(object.backend) : "",
+      address: isSet(object.address) ? globalThis.String(object.address) : "",
+      gateway: isSet(object.gateway) ? globalThis.String(object.gateway) : "",
+      mac: isSet(object.mac) ? globalThis.String(object.mac) : "",
+      tap: isSet(object.tap) ? globalThis.String(object.tap) : "",
+    };
+  },
+
+  toJSON(message: CapsuleNetwork): unknown {
+    const obj: any = {};
+    if (message.backend !== "") {
+      obj.backend = message.backend;
+    }
+    if (message.address !== "") {
+      obj.address = message.address;
+    }
+    if (message.gateway !== "") {
+      obj.gateway = message.gateway;
+    }
+    if (message.mac !== "") {
+      obj.mac = message.mac;
+    }
+    if (message.tap !== "") {
+      obj.tap = message.tap;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CapsuleNetwork>, I>>(base?: I): CapsuleNetwork {
+    return CapsuleNetwork.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CapsuleNetwork>, I>>(object: I): CapsuleNetwork {
+    const message = createBaseCapsuleNetwork();
+    message.backend = object.backend ?? "";
+    message.address = object.address ?? "";
+    message.gateway = object.gateway ?? "";
+    message.mac = object.mac ?? "";
+    message.tap = object.tap ?? "";
     return message;
   },
 };
@@ -3495,6 +3764,7 @@ function createBaseEvent(): Event {
     port: undefined,
     log: undefined,
     exit: undefined,
+    mapping: undefined,
   };
 }
 
@@ -3532,6 +3802,9 @@ export const Event: MessageFns<Event> = {
     }
     if (message.exit !== undefined) {
       ExitStatus.encode(message.exit, writer.uint32(90).fork()).join();
+    }
+    if (message.mapping !== undefined) {
+      PortMapping.encode(message.mapping, writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -3637,6 +3910,14 @@ export const Event: MessageFns<Event> = {
             message.exit = ExitStatus.decode(reader, reader.uint32());
             continue;
           }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.mapping = PortMapping.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3674,6 +3955,7 @@ export const Event: MessageFns<Event> = {
       port: isSet(object.port) ? ListenPort.fromJSON(object.port) : undefined,
       log: isSet(object.log) ? LogChunk.fromJSON(object.log) : undefined,
       exit: isSet(object.exit) ? ExitStatus.fromJSON(object.exit) : undefined,
+      mapping: isSet(object.mapping) ? PortMapping.fromJSON(object.mapping) : undefined,
     };
   },
 
@@ -3712,6 +3994,9 @@ export const Event: MessageFns<Event> = {
     if (message.exit !== undefined) {
       obj.exit = ExitStatus.toJSON(message.exit);
     }
+    if (message.mapping !== undefined) {
+      obj.mapping = PortMapping.toJSON(message.mapping);
+    }
     return obj;
   },
 
@@ -3734,6 +4019,9 @@ export const Event: MessageFns<Event> = {
     message.log = (object.log !== undefined && object.log !== null) ? LogChunk.fromPartial(object.log) : undefined;
     message.exit = (object.exit !== undefined && object.exit !== null)
       ? ExitStatus.fromPartial(object.exit)
+      : undefined;
+    message.mapping = (object.mapping !== undefined && object.mapping !== null)
+      ? PortMapping.fromPartial(object.mapping)
       : undefined;
     return message;
   },

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { resolvePorts } from "../../../agent/net/usermode.ts";
+import { decideExposure, resolvePorts } from "../../../agent/net/ports.ts";
 import { FailedPreconditionError } from "../../../agent/errors.ts";
 
 const free = () => true;
@@ -41,4 +41,35 @@ Deno.test("port resolution probes the real host: a bound port is refused", () =>
   } finally {
     l.close();
   }
+});
+
+const allowance = [
+  { guestPort: 80, hostPort: 8080, protocol: "tcp" as const },
+  { guestPort: 53, hostPort: 5353, protocol: "udp" as const },
+];
+
+Deno.test("exposure: only allowed listens are exposed; others are refused with the reason", () => {
+  const got = decideExposure(
+    [{ port: 80, protocol: "tcp" }, { port: 22, protocol: "tcp" }, { port: 80, protocol: "udp" }],
+    allowance,
+    [],
+    () => false,
+  );
+  assert.deepEqual(got.exposed, [allowance[0]]);
+  assert.deepEqual(got.refused.map((r) => `${r.port.port}/${r.port.protocol}`), ["22/tcp", "80/udp"]);
+  assert.match(got.refused[0].reason, /not in spec\.ports/);
+});
+
+Deno.test("exposure: a host port a host process holds is refused, unless we already expose it", () => {
+  const busy = () => true;
+  const fresh = decideExposure([{ port: 80, protocol: "tcp" }], allowance, [], busy);
+  assert.deepEqual(fresh.exposed, []);
+  assert.match(fresh.refused[0].reason, /8080\/tcp is in use by a process/);
+  // Once exposed, our own DNAT answers the port: the probe must not be asked (it would bind through it).
+  const kept = decideExposure([{ port: 80, protocol: "tcp" }], allowance, [allowance[0]], busy);
+  assert.deepEqual(kept.exposed, [allowance[0]]);
+});
+
+Deno.test("exposure: nothing listening exposes nothing", () => {
+  assert.deepEqual(decideExposure([], allowance, [allowance[0]], () => false), { exposed: [], refused: [] });
 });
