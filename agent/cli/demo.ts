@@ -72,15 +72,16 @@ async function main(): Promise<void> {
       console.log(`starting capsule ${NAME} …`);
       cap = (await c.capsules.startCapsule({ capsule: NAME })).capsule!;
     }
-    const url = `http://${cap.hostAddress}:${cap.ports[0].hostPort}/`;
+    // The bridge network exposes on every instance address (hostAddress ""), loopback included.
+    const url = `http://${cap.hostAddress || "127.0.0.1"}:${cap.ports[0].hostPort}/`;
     const t0 = Date.now();
     for (;;) {
       try {
         const r = await fetch(url, { signal: AbortSignal.timeout(1000) });
         console.log(
-          `capsule ${NAME} (${cap.id}, ${cap.spec?.memoryMib} MiB, qemu pid ${cap.qemuPid}) answered after ${
-            Date.now() - t0
-          } ms: ` +
+          `capsule ${NAME} (${cap.id}, ${cap.network?.address ?? "?"} on ${
+            cap.network?.backend ?? "?"
+          }, ${cap.spec?.memoryMib} MiB, qemu pid ${cap.qemuPid}) answered after ${Date.now() - t0} ms: ` +
             (await r.text()).trim(),
         );
         break;
@@ -96,7 +97,8 @@ App output:      npx -y deno@2.9.6 task flexcap capsule logs ${NAME}
 Guest console:   npx -y deno@2.9.6 task flexcap capsule console ${NAME}
 Events:          npx -y deno@2.9.6 task flexcap events ${NAME}   (listen, log, state changes; Ctrl-C ends)
 Save / restore:  npx -y deno@2.9.6 task flexcap capsule save ${NAME}   (then: capsule restore ${NAME})
-Stop it:         npx -y deno@2.9.6 task flexcap capsule stop ${NAME}`);
+Stop it:         npx -y deno@2.9.6 task flexcap capsule stop ${NAME}
+Remove network:  npx -y deno@2.9.6 task flexcapd uninstall   (after stopping the agent and its capsules)`);
   } finally {
     c.close();
   }

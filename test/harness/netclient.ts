@@ -10,10 +10,24 @@
  *   redis-loop HOST PORT --duration-ms N [--interval-ms M] loop stats (below)
  *   http-loop HOST PORT --duration-ms N [--interval-ms M] [--path P]  loop stats
  *   listen-tcp PORT --duration-ms N                        {connections}; SIGTERM ends it early
+ *   probe-until HOST PORT [--interval-ms N] [--timeout-ms N] [--attempt-timeout-ms N]
+ *                                                          {ok, at_ms, attempts, error?}
+ *   redis-ping-loop HOST PORT --duration-ms N              loop stats + {elapsed_ms, requests_per_s}
+ *   http-download HOST PORT --count N [--path P] [--timeout-ms N]
+ *                                                          {ok, downloads, bytes, ms, mbit_s, failures, errors}
  *
  * Loop stats: {requests, failures, errors (first 10), max_gap_ms, p50_ms, p99_ms}. max_gap_ms
  * is the longest time between two consecutive successful replies (the whole run if fewer than
  * two succeeded); the percentiles are over successful requests (0 if none).
+ *
+ * probe-until starts a TCP connect every --interval-ms (default 5; earlier attempts may still
+ * be pending, each gives up after --attempt-timeout-ms, default 1000) until one connects or
+ * --timeout-ms (default 60000) passes; at_ms is Date.now() when the first connect succeeded,
+ * so two probers in different namespaces of one machine can be compared. redis-ping-loop
+ * sends PING back to back on one connection, without the loops' sleep between requests (a
+ * zero-delay timer still costs a few ms in Deno); requests_per_s counts successful replies.
+ * http-download GETs --path --count times, one connection each, and checks every body
+ * against its Content-Length; mbit_s is body bits over the wall time of all downloads.
  *
  * Self-contained (Deno built-ins only) so it starts fast with --no-config.
  */
@@ -23,7 +37,10 @@ const USAGE = `usage: netclient.ts tcp-probe HOST PORT [--timeout-ms N]
        netclient.ts redis HOST PORT CMD [ARG...] [--timeout-ms N]
        netclient.ts redis-loop HOST PORT --duration-ms N [--interval-ms M]
        netclient.ts http-loop HOST PORT --duration-ms N [--interval-ms M] [--path /]
-       netclient.ts listen-tcp PORT --duration-ms N`;
+       netclient.ts listen-tcp PORT --duration-ms N
+       netclient.ts probe-until HOST PORT [--interval-ms N] [--timeout-ms N] [--attempt-timeout-ms N]
+       netclient.ts redis-ping-loop HOST PORT --duration-ms N
+       netclient.ts http-download HOST PORT --count N [--path /] [--timeout-ms N]`;
 
 /** Per-request timeout in the loops. */
 const REQUEST_TIMEOUT_MS = 2_000;
@@ -428,6 +445,145 @@ async function listenTcp(argv: string[]): Promise<object> {
   return { connections };
 }
 
+async function probeUntil(argv: string[]): Promise<object> {
+  const { pos, flags } = parseArgs(argv, ["interval-ms", "timeout-ms", "attempt-timeout-ms"]);
+  if (pos.length !== 2) throw new UsageError("probe-until wants HOST PORT");
+  const { hostname, port } = hostPort(pos);
+  const interval = optInt(flags, "interval-ms", 5);
+  const timeout = optInt(flags, "timeout-ms", 60_000);
+  const attemptTimeout = optInt(flags, "attempt-timeout-ms", 1_000);
+  const deadline = performance.now() + timeout;
+  let attempts = 0;
+  let lastError = "";
+  let at: number | undefined;
+  let wake: () => void = () => {};
+  while (at === undefined && performance.now() < deadline) {
+    attempts++;
+    connect(hostname, port, Math.min(attemptTimeout, Math.max(1, deadline - performance.now()))).then(
+      (conn) => {
+        // Date.now() first: the moment of the connect, before anything else runs.
+        const now = Date.now();
+        close(conn);
+        if (at === undefined) {
+          at = now;
+          wake();
+        }
+      },
+      (e) => lastError = errText(e),
+    );
+    // Sleep one interval, or less if a connect succeeds meanwhile.
+    await new Promise<void>((r) => {
+      const timer = setTimeout(r, interval);
+      wake = () => {
+        clearTimeout(timer);
+        r();
+      };
+    });
+  }
+  if (at !== undefined) return { ok: true, at_ms: at, attempts };
+  return { ok: false, at_ms: 0, attempts, error: lastError || `no connect in ${timeout} ms` };
+}
+
+async function redisPingLoop(argv: string[]): Promise<object> {
+  const { pos, flags } = parseArgs(argv, ["duration-ms"]);
+  if (pos.length !== 2) throw new UsageError("redis-ping-loop wants HOST PORT --duration-ms N");
+  const { hostname, port } = hostPort(pos);
+  if (!flags.has("duration-ms")) throw new UsageError("redis-ping-loop needs --duration-ms");
+  const duration = optInt(flags, "duration-ms", 0);
+  const stats = new LoopStats();
+  const start = performance.now();
+  const end = start + duration;
+  let ok = 0;
+  let r: RedisConn | undefined;
+  while (performance.now() < end) {
+    const t0 = performance.now();
+    try {
+      r ??= await RedisConn.open(hostname, port, REQUEST_TIMEOUT_MS);
+      const v = await r.command(["PING"], REQUEST_TIMEOUT_MS);
+      if (v !== "PONG") throw new Error(`PING: unexpected reply ${JSON.stringify(v)}`);
+      stats.ok(performance.now() - t0);
+      ok++;
+    } catch (e) {
+      stats.fail(e);
+      r?.close();
+      r = undefined;
+      await sleep(100); // a dead server is not hammered with connects
+    }
+  }
+  const elapsed = performance.now() - start;
+  r?.close();
+  return { ...stats.result(), elapsed_ms: round(elapsed), requests_per_s: round(ok / (elapsed / 1000)) };
+}
+
+/** One HTTP/1.0 GET read to EOF, counting body bytes; throws unless 200 with a full Content-Length body. */
+async function downloadOnce(hostname: string, port: number, reqPath: string, timeoutMs: number): Promise<number> {
+  const conn = await connect(hostname, port, timeoutMs);
+  try {
+    return await withTimeout(
+      (async () => {
+        await writeAll(conn, enc.encode(`GET ${reqPath} HTTP/1.0\r\nHost: ${hostname}\r\n\r\n`));
+        let head = new Uint8Array();
+        let body = -1;
+        for await (const c of conn.readable) {
+          if (body >= 0) {
+            body += c.length;
+            continue;
+          }
+          head = concat([head, c]);
+          const i = indexOf(head, enc.encode("\r\n\r\n"));
+          if (i >= 0) {
+            body = head.length - i - 4;
+            head = head.subarray(0, i);
+          }
+        }
+        const text = dec.decode(head);
+        const m = /^HTTP\/\d\.\d (\d{3})/.exec(text);
+        if (!m || m[1] !== "200" || body < 0) throw new Error(`bad response: ${JSON.stringify(text.slice(0, 80))}`);
+        const len = /\r\ncontent-length:\s*(\d+)/i.exec(text);
+        if (!len) throw new Error("no Content-Length");
+        if (Number(len[1]) !== body) throw new Error(`short body: ${body} of ${len[1]} bytes`);
+        return body;
+      })(),
+      timeoutMs,
+      () => close(conn),
+    );
+  } finally {
+    close(conn);
+  }
+}
+
+async function httpDownload(argv: string[]): Promise<object> {
+  const { pos, flags } = parseArgs(argv, ["count", "path", "timeout-ms"]);
+  if (pos.length !== 2) throw new UsageError("http-download wants HOST PORT --count N");
+  const { hostname, port } = hostPort(pos);
+  if (!flags.has("count")) throw new UsageError("http-download needs --count");
+  const count = optInt(flags, "count", 1);
+  const timeout = optInt(flags, "timeout-ms", 60_000);
+  const p = path(flags);
+  let bytes = 0;
+  let downloads = 0;
+  const errors: string[] = [];
+  const t0 = performance.now();
+  for (let i = 0; i < count; i++) {
+    try {
+      bytes += await downloadOnce(hostname, port, p, timeout);
+      downloads++;
+    } catch (e) {
+      if (errors.length < 10) errors.push(errText(e));
+    }
+  }
+  const ms = performance.now() - t0;
+  return {
+    ok: downloads === count,
+    downloads,
+    bytes,
+    ms: round(ms),
+    mbit_s: round(bytes * 8 / 1e6 / (ms / 1000)),
+    failures: count - downloads,
+    errors,
+  };
+}
+
 const COMMANDS: Record<string, (argv: string[]) => Promise<object>> = {
   "tcp-probe": tcpProbe,
   "http-get": httpGet,
@@ -435,6 +591,9 @@ const COMMANDS: Record<string, (argv: string[]) => Promise<object>> = {
   "redis-loop": redisLoop,
   "http-loop": httpLoop,
   "listen-tcp": listenTcp,
+  "probe-until": probeUntil,
+  "redis-ping-loop": redisPingLoop,
+  "http-download": httpDownload,
 };
 
 if (import.meta.main) {

@@ -23,6 +23,12 @@ for t in $TARGETS; do
   out=$(printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 nc -w 3 \${t%:*} \${t#*:} 2>/dev/null | head -c 64)
   if [ -n "$out" ]; then echo "REACH $t"; else echo "BLOCK $t"; fi
 done
+# Then pretend to be $SPOOF (another capsule's address): the tap's guard must drop it.
+if [ -n "$SPOOF" ]; then
+  ip addr flush dev eth0; ip addr add $SPOOF/16 dev eth0; ip route add default via 10.200.0.1
+  out=$(printf 'x\r\n' | timeout 5 nc -w 3 \${SPOOF_TARGET%:*} \${SPOOF_TARGET#*:} 2>/dev/null | head -c 64)
+  if [ -n "$out" ]; then echo "SPOOF-REACH"; else echo "SPOOF-BLOCK"; fi
+fi
 echo PROBES-DONE
 exec sleep 100000`;
 
@@ -232,7 +238,7 @@ Deno.test({
             spec: CapsuleSpec.fromPartial({
               image: "prober",
               memoryMib: 24,
-              env: { TARGETS: Object.keys(targets).join(" ") },
+              env: { TARGETS: Object.keys(targets).join(" "), SPOOF: webIp, SPOOF_TARGET: `${client.address}:7000` },
             }),
           });
           await c.startCapsule({ capsule: "prober" });
@@ -243,11 +249,62 @@ Deno.test({
           for (const [target, want] of Object.entries(targets)) {
             assert.ok(out.includes(`${want} ${target}`), `${target}: expected ${want}\n${out}`);
           }
+          // The same capsule reached the client with its own address; with web's it cannot.
+          assert.ok(out.includes("SPOOF-BLOCK"), out);
+          const tap = (await c.getCapsule({ capsule: "prober" })).capsule!.network!.tap;
+          const guard = (await inst!.host.run(["nft", "list", "chain", "inet", "flexcap", `ingress_${tap}`])).stdout;
+          const dropped = /counter packets (\d+) bytes \d+ drop comment "spoofed ip"/.exec(guard);
+          assert.ok(dropped && Number(dropped[1]) > 0, `spoofed packets counted at the tap:\n${guard}`);
         } finally {
           for (const p of [hostSvc, metadata, internet]) {
             p.kill("SIGTERM");
             await netclientResult(p).catch(() => {});
           }
+        }
+      });
+
+      await t.step("an egress limit shapes what a capsule sends (ifb + tbf on its tap)", async () => {
+        // The sink reads what the sender sends. busybox nc quits at EOF on its own stdin, so that is a
+        // FIFO held open for writing by nc itself.
+        const sink = client.spawn([
+          "bash",
+          "-c",
+          "f=$(mktemp -u); mkfifo $f; exec 3<>$f; rm $f; exec timeout 60 busybox nc -l -p 7001 <&3 >/dev/null",
+        ]);
+        try {
+          await buildShellImage(
+            fc,
+            "sender",
+            "sleep 1; dd if=/dev/zero bs=1024 count=300 2>/dev/null | nc -w 5 $SINK; echo SENT; exec sleep 100000",
+          );
+          await c.createCapsule({
+            name: "sender",
+            spec: CapsuleSpec.fromPartial({
+              image: "sender",
+              memoryMib: 24,
+              egressKbps: 800,
+              env: { SINK: `${client.address} 7001` },
+            }),
+          });
+          const id = (await c.getCapsule({ capsule: "sender" })).capsule!.id;
+          const ifb = `fq${id.slice(2)}`;
+          assert.ok((await inst!.links()).includes(ifb), "the shaper exists with the capsule");
+          await c.startCapsule({ capsule: "sender" });
+          await until("sent", async () => (await logsText(fc, "sender")).includes("SENT") || undefined, 60_000);
+          const stats = (await inst!.host.run(["tc", "-s", "qdisc", "show", "dev", ifb])).stdout;
+          assert.match(stats, /tbf .*rate 800Kbit/, stats);
+          const sent = Number(/Sent (\d+) bytes/.exec(stats)?.[1] ?? 0);
+          const over = Number(/overlimits (\d+)/.exec(stats)?.[1] ?? 0);
+          assert.ok(sent > 300 * 1024, `the capsule's traffic went through the shaper: ${stats}`);
+          assert.ok(over > 0, `the limit held packets back: ${stats}`);
+          // Capsules without a limit get no shaper.
+          const webId = (await c.getCapsule({ capsule: "web" })).capsule!.id;
+          assert.ok(!(await inst!.links()).includes(`fq${webId.slice(2)}`));
+        } finally {
+          try {
+            sink.kill("SIGTERM");
+          } catch { /* done */ }
+          await sink.output().catch(() => {});
         }
       });
 
