@@ -348,6 +348,10 @@ Deno.test({
 
       await t.step("delete removes the tap, the rules and the address lease", async () => {
         const c2 = inst!.agent.client.capsules;
+        // After the restart (the allocator's memory is gone) a new capsule still gets an unused address.
+        await c2.createCapsule({ name: "fresh", spec: CapsuleSpec.fromPartial({ image: "httpd", memoryMib: 32 }) });
+        const all = (await c2.listCapsules({ labelSelector: {} })).capsules.map((x) => x.network!.address);
+        assert.equal(new Set(all).size, all.length, `addresses are unique: ${all.join(" ")}`);
         const web = (await c2.getCapsule({ capsule: "web" })).capsule!;
         await c2.stopCapsule({ capsule: "web", graceMs: 1000 });
         await c2.deleteCapsule({ capsule: "web" });
