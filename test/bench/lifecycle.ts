@@ -16,7 +16,7 @@
  */
 import { KernelKind } from "../../agent/gen/flexcap/v1/image.ts";
 import { buildHttpdImage, spec, startTestAgent, type TestAgent } from "../harness/agent.ts";
-import { main } from "./report.ts";
+import { envInt, main } from "./report.ts";
 
 const MEMORY_MIB = 128;
 const KERNEL = Deno.env.get("BENCH_KERNEL") ?? "linux-vm";
@@ -29,14 +29,6 @@ const PROBE_INTERVAL_MS = 20;
 /** Each probe gives up after this long (slirp accepts at once and holds until the guest answers). */
 const PROBE_TIMEOUT_MS = 500;
 const READY_TIMEOUT_MS = 120_000;
-
-function envInt(name: string, dflt: number): number {
-  const v = Deno.env.get(name);
-  if (v === undefined || v === "") return dflt;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 1) throw new Error(`${name} must be a positive integer, got ${JSON.stringify(v)}`);
-  return n;
-}
 
 const log = (msg: string) => console.error(`bench lifecycle: ${msg}`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

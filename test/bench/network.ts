@@ -29,7 +29,7 @@ import { spec, startTestAgent, type TestAgent, waitFor } from "../harness/agent.
 import { buildRedisImage, buildShellImage, haveFile, REDIS } from "../harness/images.ts";
 import { startInstance, type TestInstance } from "../harness/instance.ts";
 import { createTestNet, netclientResult, type NsHost, type TestNet } from "../harness/netns.ts";
-import { main } from "./report.ts";
+import { envInt, main } from "./report.ts";
 
 const TCP = 1;
 const PROBE_INTERVAL_MS = 5;
@@ -45,14 +45,6 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const round1 = (x: number) => Math.round(x * 10) / 10;
 const round2 = (x: number) => Math.round(x * 100) / 100;
 const tcpPort = (guestPort: number, hostPort: number) => ({ guestPort, hostPort, protocol: TCP });
-
-function envInt(name: string, dflt: number): number {
-  const v = Deno.env.get(name);
-  if (v === undefined || v === "") return dflt;
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 1) throw new Error(`${name} must be a positive integer, got ${JSON.stringify(v)}`);
-  return n;
-}
 
 /** Throws unless `x` is a finite number above zero: a measurement that silently failed reads as 0 or NaN. */
 function positive(what: string, x: number): number {

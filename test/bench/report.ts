@@ -57,3 +57,12 @@ export async function main(suite: string | undefined): Promise<void> {
   // grpc-js may keep timers or sockets alive; the suite has cleaned up, so leave now.
   Deno.exit(0);
 }
+
+/** A positive integer from the environment (e.g. BENCH_RUNS), or `dflt` when unset. */
+export function envInt(name: string, dflt: number): number {
+  const v = Deno.env.get(name);
+  if (v === undefined || v === "") return dflt;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`${name} must be a positive integer, got ${JSON.stringify(v)}`);
+  return n;
+}
