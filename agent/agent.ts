@@ -15,6 +15,9 @@ import { CapsuleStore } from "./capsule/store.ts";
 import { QEMU_STATES } from "./capsule/states.ts";
 import { QemuVm } from "./vmm/vm.ts";
 import { createNetwork } from "./net/select.ts";
+import type { PeerInfo } from "./gen/flexcap/v1/peer.ts";
+import { type PeerServer, peerService, startPeerServer } from "./migrate/peer_server.ts";
+import { Peers } from "./migrate/peers.ts";
 import type { Config } from "./config/schema.ts";
 import { FailedPreconditionError, UnavailableError } from "./errors.ts";
 import { ImageCatalog } from "./image/catalog.ts";
@@ -84,6 +87,28 @@ export async function startAgent(config: Config, log: Logger): Promise<RunningAg
   await manager.open();
 
   const apiLog = log.with({ component: "api" });
+  const peerInfo = (): PeerInfo => ({
+    name: config.node_name,
+    version: VERSION,
+    accelerator: accel.accelerator,
+    cpuModel: config.cpu_model,
+    qemuVersion: qemu,
+    memoryAllocatableMib: budget.allocatableMib,
+    memoryFreeMib: Math.max(0, budget.allocatableMib - manager.committedMib()),
+    capsules: manager.count,
+  });
+  let peers: Peers | undefined;
+  let peerServer: PeerServer | undefined;
+  if (config.peering) {
+    const p = config.peering;
+    const peerLog = log.with({ component: "peer" });
+    peers = new Peers(p.peers, p);
+    peerServer = await startPeerServer(
+      { ...p, peers: p.peers.map((x) => x.name) },
+      peerService(peerLog, new Set(p.peers.map((x) => x.name)), peerInfo),
+      peerLog,
+    );
+  }
   const server = await startServer({
     capsule: capsuleService(manager, apiLog),
     image: imageService(catalog, manager, apiLog),
@@ -97,6 +122,8 @@ export async function startAgent(config: Config, log: Logger): Promise<RunningAg
       memoryAllocatableMib: budget.allocatableMib,
       committedMib: () => manager.committedMib(),
       capsules: () => manager.count,
+      nodeName: config.node_name,
+      peers: () => peers?.status() ?? Promise.resolve([]),
     }, apiLog),
   }, { address: config.api, socketMode: config.api_socket_mode, tls: config.tls });
   log.info("flexcapd ready", { api: config.api, capsules: manager.count });
@@ -106,6 +133,8 @@ export async function startAgent(config: Config, log: Logger): Promise<RunningAg
     server,
     async stop() {
       await server.shutdown();
+      await peerServer?.shutdown();
+      peers?.close();
       manager.close(); // capsules keep running; the next agent re-adopts them
       lock.close();
       log.info("flexcapd stopped; capsules left running");

@@ -15,6 +15,8 @@ export const Code = {
   ABORTED: 10,
   INTERNAL: 13,
   UNAVAILABLE: 14,
+  PERMISSION_DENIED: 7,
+  UNAUTHENTICATED: 16,
 } as const;
 export type Code = typeof Code[keyof typeof Code];
 
@@ -65,6 +67,13 @@ export class ResourceExhaustedError extends FlexError {
 export class UnavailableError extends FlexError {
   constructor(message: string, options?: ErrorOptions) {
     super(Code.UNAVAILABLE, message, options);
+  }
+}
+
+/** The caller is authenticated but not allowed (e.g. a peer certificate for an unknown node). */
+export class PermissionDeniedError extends FlexError {
+  constructor(message: string) {
+    super(Code.PERMISSION_DENIED, message);
   }
 }
 

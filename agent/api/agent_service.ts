@@ -3,6 +3,7 @@
  */
 import type { AgentServiceServer } from "../gen/flexcap/v1/agent.ts";
 import type { Logger } from "../log.ts";
+import type { PeerStatus } from "../migrate/peers.ts";
 import { unary } from "./rpc.ts";
 
 /** Agent facts gathered at start plus live counters. */
@@ -14,8 +15,11 @@ export interface AgentFacts {
   qemuVersion: string;
   memoryTotalMib: number;
   memoryAllocatableMib: number;
+  nodeName: string;
   committedMib(): number;
   capsules(): number;
+  /** Every configured peer's info or error (empty without peering). */
+  peers(): Promise<PeerStatus[]>;
 }
 
 /** Builds the AgentService implementation. */
@@ -32,6 +36,15 @@ export function agentService(facts: AgentFacts, log: Logger): AgentServiceServer
         memoryCommittedMib: facts.committedMib(),
         capsules: facts.capsules(),
         qemuVersion: facts.qemuVersion,
+        nodeName: facts.nodeName,
       })),
+    listPeers: unary(log, "ListPeers", async () => ({
+      peers: (await facts.peers()).map((p) => ({
+        name: p.name,
+        address: p.address,
+        info: p.info,
+        error: p.error ?? "",
+      })),
+    })),
   };
 }

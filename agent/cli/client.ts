@@ -26,7 +26,8 @@ type Promisified<C> = {
 // Server-streaming methods return their stream; every other method is unary.
 const STREAMING = new Set(["watchEvents", "streamConsole", "streamLogs"]);
 
-function promisify<C extends grpc.Client>(client: C): Promisified<C> {
+/** Wraps a grpc-js client so unary methods return promises and streaming ones their stream. */
+export function promisify<C extends grpc.Client>(client: C): Promisified<C> {
   return new Proxy(client, {
     get(target, prop, receiver) {
       const v = Reflect.get(target, prop, receiver);

@@ -22,7 +22,7 @@ import { enumName, json, mib, table } from "./format.ts";
 
 const USAGE = `usage: flexcap [--api ADDR] [--json] <noun> <verb> [args]
   capsule create NAME --image IMG [--memory MIB] [--vcpus N] [--port HOST:GUEST[/udp]]...
-                      [--env K=V]... [--label K=V]... [-- ARGS...]
+                      [--env K=V]... [--label K=V]... [--egress-kbps N] [--allow-from CAPSULE]... [-- ARGS...]
   capsule list [--label K=V]...
   capsule get|start|pause|resume|save|restore|delete NAME
   capsule stop NAME [--grace-ms MS]
@@ -35,7 +35,8 @@ const USAGE = `usage: flexcap [--api ADDR] [--json] <noun> <verb> [args]
   image list
   image get|delete NAME
   events [CAPSULE]
-  info`;
+  info
+  peers                        configured peers as this agent sees them (mutual TLS)`;
 
 class UsageError extends Error {}
 
@@ -124,6 +125,22 @@ async function run(c: FlexcapClient, noun: string, verb: string | undefined, res
     return rest[0];
   };
   if (noun === "info") return console.log(json(await c.agent.getAgentInfo({})));
+  if (noun === "peers") {
+    const peers = (await c.agent.listPeers({})).peers;
+    if (asJson) return console.log(json(peers));
+    return console.log(table(
+      ["NAME", "ADDRESS", "ACCEL", "CPU", "FREE", "CAPSULES", "ERROR"],
+      peers.map((p) => [
+        p.name,
+        p.address,
+        p.info?.accelerator ?? "-",
+        p.info?.cpuModel ?? "-",
+        p.info ? `${p.info.memoryFreeMib}M` : "-",
+        p.info ? String(p.info.capsules) : "-",
+        p.error || "-",
+      ]),
+    ));
+  }
   if (noun === "events") {
     const stream = c.raw.capsules.watchEvents({ capsule: verb ?? "" });
     for await (const msg of stream) printEvent(msg.event!, asJson);

@@ -5,11 +5,13 @@
  *                  [--tls-cert F --tls-key F [--tls-ca F]] [--accel auto|kvm|tcg] [--log-level L]
  *                  [--network-backend auto|bridge|usermode]
  *   flexcapd uninstall [--config FILE] [--state-dir DIR] [--force]
+ *   flexcapd certs --dir DIR NAME...
  *   flexcapd version
  */
 import { parseArgs } from "node:util";
 import { loadConfig } from "../config/load.ts";
 import { startAgent, uninstall } from "../agent.ts";
+import { issueCerts } from "../migrate/pki.ts";
 import { FlexError } from "../errors.ts";
 import { logger } from "../log.ts";
 import { VERSION } from "../version.ts";
@@ -19,6 +21,8 @@ const USAGE = `usage: flexcapd serve [--config FILE] [--state-dir DIR] [--api un
                      [--log-level debug|info|warn|error] [--network-backend auto|bridge|usermode]
        flexcapd uninstall [--config FILE] [--state-dir DIR] [--force]
            removes the capsule network (nftables table, taps, bridge); --force kills running capsules
+       flexcapd certs --dir DIR NAME...
+           makes a cluster CA in DIR (unless there) and a peer certificate for each node NAME
        flexcapd version`;
 
 async function main(argv: string[]): Promise<number> {
@@ -36,6 +40,7 @@ async function main(argv: string[]): Promise<number> {
       "log-level": { type: "string" },
       "network-backend": { type: "string" },
       force: { type: "boolean" },
+      dir: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -46,6 +51,14 @@ async function main(argv: string[]): Promise<number> {
   }
   if (cmd === "version") {
     console.log(`flexcapd ${VERSION}`);
+    return 0;
+  }
+  if (cmd === "certs") {
+    if (!values.dir) {
+      console.error(`flexcapd: certs needs --dir DIR\n${USAGE}`);
+      return 2;
+    }
+    for (const f of await issueCerts(values.dir, positionals.slice(1))) console.log(f);
     return 0;
   }
   if (cmd !== "serve" && cmd !== "uninstall") {

@@ -9,6 +9,16 @@ const apiAddress = z.string().regex(/^(unix:\/.+|tcp:[^:]+:\d{1,5})$/, {
   message: 'expected "unix:/abs/path" or "tcp:HOST:PORT"',
 });
 
+// DNS-label style: it is a certificate name and appears in logs and events.
+const nodeName = z.string().regex(/^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/, {
+  message: "expected 1-63 lowercase letters, digits and '-'",
+});
+
+function defaultNodeName(): string {
+  const h = Deno.hostname().toLowerCase().split(".")[0].replace(/[^a-z0-9-]/g, "-").replace(/^-+|-+$/g, "");
+  return h.slice(0, 63) || "node";
+}
+
 export const ConfigSchema = z.strictObject({
   // Everything the agent persists lives here (specs, states, images, sockets).
   // No ',' or quotes: paths end up inside QEMU option strings.
@@ -62,6 +72,23 @@ export const ConfigSchema = z.strictObject({
     // DNS server handed to capsules; default: the first non-loopback nameserver of /etc/resolv.conf.
     dns: z.string().optional(),
   }).prefault({}),
+  // This agent's name in the cluster: the name in its peer certificate. Default: the host name.
+  node_name: nodeName.default(() => defaultNodeName()),
+  // Agent-to-agent API (PeerService) with mutual TLS under the cluster CA (`flexcapd certs`).
+  peering: z.strictObject({
+    // Where PeerService listens, "tcp:HOST:PORT".
+    listen: z.string().regex(/^tcp:[^:]+:\d{1,5}$/, { message: 'expected "tcp:HOST:PORT"' }),
+    // This node's certificate and key (issued for node_name) and the cluster CA.
+    cert: z.string().startsWith("/"),
+    key: z.string().startsWith("/"),
+    ca: z.string().startsWith("/"),
+    // The other agents; only these names may call PeerService here.
+    peers: z.array(z.strictObject({
+      name: nodeName,
+      // host:port of the peer's peering listener.
+      address: z.string().regex(/^[^:\s]+:\d{1,5}$/, { message: 'expected "HOST:PORT"' }),
+    })).max(256).default([]),
+  }).optional(),
   // How long a guest gets to power off before QEMU is killed.
   stop_grace_ms: z.number().int().min(0).max(600_000).default(10_000),
   // Where downloaded kernels are cached (outside the state dir: shared, re-creatable).

@@ -32,6 +32,14 @@ Deno.test("config errors name the bad key and the source", () => {
     ["api: tcp:0.0.0.0:7000\n", /tls/],
     ["- a list\n", /mapping/],
     ["key: [unclosed\n", /YAML/],
+    ["node_name: Node_A\n", /node_name/],
+    ["peering:\n  listen: 0.0.0.0:7443\n  cert: /c\n  key: /k\n  ca: /a\n", /peering\.listen/],
+    ["peering:\n  listen: tcp:0.0.0.0:7443\n  cert: /c\n  key: /k\n", /peering\.ca/],
+    [
+      "peering:\n  listen: tcp:0.0.0.0:7443\n  cert: /c\n  key: /k\n  ca: /a\n  peers:\n    - name: b\n      address: b\n",
+      /peering\.peers\.0\.address/,
+    ],
+    ["network:\n  backend: bridge\n  cluster_cidr: 10.0.0.1/8\n", /network\.cluster_cidr/],
   ];
   for (const [text, re] of cases) {
     assert.throws(() => parseConfig(text, "config x.yaml"), (err: unknown) => {

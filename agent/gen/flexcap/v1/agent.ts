@@ -18,10 +18,31 @@ import {
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
+import { PeerInfo } from "./peer.ts";
 
 export const protobufPackage = "flexcap.v1";
 
 export const protobufFileName = "flexcap/v1/agent.proto";
+
+export interface ListPeersRequest {
+}
+
+export interface ListPeersResponse {
+  peers: PeerStatus[];
+}
+
+/** One configured peer as this agent sees it now. */
+export interface PeerStatus {
+  name: string;
+  /** host:port of its peer listener. */
+  address: string;
+  /** Set when the peer answered. */
+  info:
+    | PeerInfo
+    | undefined;
+  /** Why it did not (TLS refusal, unreachable…); empty when it answered. */
+  error: string;
+}
 
 export interface GetAgentInfoRequest {
 }
@@ -45,7 +66,247 @@ export interface GetAgentInfoResponse {
   capsules: number;
   /** QEMU version string. */
   qemuVersion: string;
+  /** This agent's node name in the cluster. */
+  nodeName: string;
 }
+
+function createBaseListPeersRequest(): ListPeersRequest {
+  return {};
+}
+
+export const ListPeersRequest: MessageFns<ListPeersRequest> = {
+  encode(_: ListPeersRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListPeersRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListPeersRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): ListPeersRequest {
+    return {};
+  },
+
+  toJSON(_: ListPeersRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListPeersRequest>, I>>(base?: I): ListPeersRequest {
+    return ListPeersRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListPeersRequest>, I>>(_: I): ListPeersRequest {
+    const message = createBaseListPeersRequest();
+    return message;
+  },
+};
+
+function createBaseListPeersResponse(): ListPeersResponse {
+  return { peers: [] };
+}
+
+export const ListPeersResponse: MessageFns<ListPeersResponse> = {
+  encode(message: ListPeersResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.peers) {
+      PeerStatus.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListPeersResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListPeersResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.peers.push(PeerStatus.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListPeersResponse {
+    return {
+      peers: globalThis.Array.isArray(object?.peers) ? object.peers.map((e: any) => PeerStatus.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: ListPeersResponse): unknown {
+    const obj: any = {};
+    if (message.peers?.length) {
+      obj.peers = message.peers.map((e) => PeerStatus.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListPeersResponse>, I>>(base?: I): ListPeersResponse {
+    return ListPeersResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListPeersResponse>, I>>(object: I): ListPeersResponse {
+    const message = createBaseListPeersResponse();
+    message.peers = object.peers?.map((e) => PeerStatus.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBasePeerStatus(): PeerStatus {
+  return { name: "", address: "", info: undefined, error: "" };
+}
+
+export const PeerStatus: MessageFns<PeerStatus> = {
+  encode(message: PeerStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.name !== "") {
+      writer.uint32(10).string(message.name);
+    }
+    if (message.address !== "") {
+      writer.uint32(18).string(message.address);
+    }
+    if (message.info !== undefined) {
+      PeerInfo.encode(message.info, writer.uint32(26).fork()).join();
+    }
+    if (message.error !== "") {
+      writer.uint32(34).string(message.error);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PeerStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePeerStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.address = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.info = PeerInfo.decode(reader, reader.uint32());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.error = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PeerStatus {
+    return {
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      address: isSet(object.address) ? globalThis.String(object.address) : "",
+      info: isSet(object.info) ? PeerInfo.fromJSON(object.info) : undefined,
+      error: isSet(object.error) ? globalThis.String(object.error) : "",
+    };
+  },
+
+  toJSON(message: PeerStatus): unknown {
+    const obj: any = {};
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.address !== "") {
+      obj.address = message.address;
+    }
+    if (message.info !== undefined) {
+      obj.info = PeerInfo.toJSON(message.info);
+    }
+    if (message.error !== "") {
+      obj.error = message.error;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<PeerStatus>, I>>(base?: I): PeerStatus {
+    return PeerStatus.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PeerStatus>, I>>(object: I): PeerStatus {
+    const message = createBasePeerStatus();
+    message.name = object.name ?? "";
+    message.address = object.address ?? "";
+    message.info = (object.info !== undefined && object.info !== null) ? PeerInfo.fromPartial(object.info) : undefined;
+    message.error = object.error ?? "";
+    return message;
+  },
+};
 
 function createBaseGetAgentInfoRequest(): GetAgentInfoRequest {
   return {};
@@ -110,6 +371,7 @@ function createBaseGetAgentInfoResponse(): GetAgentInfoResponse {
     memoryCommittedMib: 0,
     capsules: 0,
     qemuVersion: "",
+    nodeName: "",
   };
 }
 
@@ -141,6 +403,9 @@ export const GetAgentInfoResponse: MessageFns<GetAgentInfoResponse> = {
     }
     if (message.qemuVersion !== "") {
       writer.uint32(74).string(message.qemuVersion);
+    }
+    if (message.nodeName !== "") {
+      writer.uint32(82).string(message.nodeName);
     }
     return writer;
   },
@@ -230,6 +495,14 @@ export const GetAgentInfoResponse: MessageFns<GetAgentInfoResponse> = {
             message.qemuVersion = reader.string();
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.nodeName = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -277,6 +550,11 @@ export const GetAgentInfoResponse: MessageFns<GetAgentInfoResponse> = {
         : isSet(object.qemu_version)
         ? globalThis.String(object.qemu_version)
         : "",
+      nodeName: isSet(object.nodeName)
+        ? globalThis.String(object.nodeName)
+        : isSet(object.node_name)
+        ? globalThis.String(object.node_name)
+        : "",
     };
   },
 
@@ -309,6 +587,9 @@ export const GetAgentInfoResponse: MessageFns<GetAgentInfoResponse> = {
     if (message.qemuVersion !== "") {
       obj.qemuVersion = message.qemuVersion;
     }
+    if (message.nodeName !== "") {
+      obj.nodeName = message.nodeName;
+    }
     return obj;
   },
 
@@ -326,6 +607,7 @@ export const GetAgentInfoResponse: MessageFns<GetAgentInfoResponse> = {
     message.memoryCommittedMib = object.memoryCommittedMib ?? 0;
     message.capsules = object.capsules ?? 0;
     message.qemuVersion = object.qemuVersion ?? "";
+    message.nodeName = object.nodeName ?? "";
     return message;
   },
 };
@@ -344,11 +626,29 @@ export const AgentServiceService = {
       Buffer.from(GetAgentInfoResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetAgentInfoResponse => GetAgentInfoResponse.decode(value),
   },
+  /**
+   * Asks every configured peer for its PeerInfo over mutual TLS; a peer that cannot be
+   * reached or fails authentication is listed with the error.
+   */
+  listPeers: {
+    path: "/flexcap.v1.AgentService/ListPeers" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ListPeersRequest): Buffer => Buffer.from(ListPeersRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ListPeersRequest => ListPeersRequest.decode(value),
+    responseSerialize: (value: ListPeersResponse): Buffer => Buffer.from(ListPeersResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ListPeersResponse => ListPeersResponse.decode(value),
+  },
 } as const;
 
 export interface AgentServiceServer extends UntypedServiceImplementation {
   /** Returns the agent's version, accelerator and capacity. */
   getAgentInfo: handleUnaryCall<GetAgentInfoRequest, GetAgentInfoResponse>;
+  /**
+   * Asks every configured peer for its PeerInfo over mutual TLS; a peer that cannot be
+   * reached or fails authentication is listed with the error.
+   */
+  listPeers: handleUnaryCall<ListPeersRequest, ListPeersResponse>;
 }
 
 export interface AgentServiceClient extends Client {
@@ -367,6 +667,25 @@ export interface AgentServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetAgentInfoResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Asks every configured peer for its PeerInfo over mutual TLS; a peer that cannot be
+   * reached or fails authentication is listed with the error.
+   */
+  listPeers(
+    request: ListPeersRequest,
+    callback: (error: ServiceError | null, response: ListPeersResponse) => void,
+  ): ClientUnaryCall;
+  listPeers(
+    request: ListPeersRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ListPeersResponse) => void,
+  ): ClientUnaryCall;
+  listPeers(
+    request: ListPeersRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ListPeersResponse) => void,
   ): ClientUnaryCall;
 }
 
