@@ -14,6 +14,7 @@ PACKAGES=(
   musl-tools nanopb libnanopb-dev protobuf-compiler make  # capsule-init
   erofs-utils       # read-only root disks of capsule images
   nftables          # the capsule network's `inet flexcap` table
+  openssl           # `flexcapd certs`: the cluster CA and node certificates
   cpio kmod iproute2 curl
 )
 
