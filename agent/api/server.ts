@@ -77,17 +77,18 @@ export async function startServer(services: ServerServices, listen: ListenOption
     )
   );
   if (listen.address.startsWith("unix:")) await Deno.chmod(target.slice(5), listen.socketMode);
-  return {
-    health,
-    shutdown: () =>
-      new Promise<void>((resolve) => {
-        const t = setTimeout(() => server.forceShutdown(), 2_000);
-        server.tryShutdown(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      }),
-  };
+  return { health, shutdown: () => shutdownGracefully(server) };
+}
+
+/** Lets in-flight calls finish for up to 2 s, then cuts the rest. */
+export function shutdownGracefully(server: grpc.Server): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const t = setTimeout(() => server.forceShutdown(), 2_000);
+    server.tryShutdown(() => {
+      clearTimeout(t);
+      resolve();
+    });
+  });
 }
 
 // proto-loader merges each package into one synthetic file without dependencies, which

@@ -6,6 +6,7 @@
  * in the guest), DF_1_NODEFLIB, and LD_PRELOAD.
  */
 
+import { exists } from "../state/exists.ts";
 import { dirname, join, resolve } from "node:path";
 import { Code, FlexError, NotFoundError } from "../errors.ts";
 import { ELFCLASS64, ElfError, type ElfInfo, EM_X86_64, parseElf, readElfIdent } from "./elf.ts";
@@ -125,15 +126,6 @@ async function glob(pattern: string): Promise<string[]> {
   const found: string[] = [];
   for (const p of paths) if (await exists(p)) found.push(p);
   return found;
-}
-
-async function exists(p: string): Promise<boolean> {
-  try {
-    await Deno.stat(p);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 interface LoadedObject {

@@ -10,6 +10,7 @@ import { PermissionDeniedError, UnavailableError } from "../errors.ts";
 import { type PeerInfo, type PeerServiceServer, PeerServiceService } from "../gen/flexcap/v1/peer.ts";
 import type { Logger } from "../log.ts";
 import { unary } from "../api/rpc.ts";
+import { shutdownGracefully } from "../api/server.ts";
 
 /** Where and as whom to serve, and whom to let in. */
 export interface PeerServerOptions {
@@ -87,15 +88,5 @@ export async function startPeerServer(
     )
   );
   log.info("peer listener ready", { listen: opts.listen, peers: [...opts.peers] });
-  return {
-    port,
-    shutdown: () =>
-      new Promise<void>((resolve) => {
-        const t = setTimeout(() => server.forceShutdown(), 2_000);
-        server.tryShutdown(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      }),
-  };
+  return { port, shutdown: () => shutdownGracefully(server) };
 }

@@ -4,6 +4,7 @@
  * (serverAuth + clientAuth), since every agent is both. Made with the openssl CLI;
  * ECDSA P-256 keeps handshakes cheap.
  */
+import { exists } from "../state/exists.ts";
 import { execa } from "execa";
 import { join } from "node:path";
 import { InvalidArgumentError, UnavailableError } from "../errors.ts";
@@ -83,13 +84,4 @@ export async function issueCerts(dir: string, names: string[], days = 825): Prom
   }
   await Deno.chmod(join(dir, "ca.key"), 0o600);
   return written;
-}
-
-async function exists(p: string): Promise<boolean> {
-  try {
-    await Deno.stat(p);
-    return true;
-  } catch {
-    return false;
-  }
 }
