@@ -18,6 +18,13 @@ import { createNetwork } from "./net/select.ts";
 import type { PeerInfo } from "./gen/flexcap/v1/peer.ts";
 import { type PeerServer, peerService, startPeerServer } from "./migrate/peer_server.ts";
 import { Peers } from "./migrate/peers.ts";
+import { activeFailpoints } from "./migrate/failpoints.ts";
+import { Forwards } from "./migrate/forwards.ts";
+import { Arrivals } from "./migrate/incoming.ts";
+import { OutcomeStore } from "./migrate/outcomes.ts";
+import { Departures } from "./migrate/outgoing.ts";
+import { chooseMode } from "./migrate/policy.ts";
+import { DataListener } from "./migrate/relay.ts";
 import type { Config } from "./config/schema.ts";
 import { FailedPreconditionError, UnavailableError } from "./errors.ts";
 import { ImageCatalog } from "./image/catalog.ts";
@@ -71,7 +78,19 @@ export async function startAgent(config: Config, log: Logger): Promise<RunningAg
     log: log.with({ component: "image" }),
     usersOf: (id) => manager.usersOfImage(id),
   });
-  const network = createNetwork(config, log, () => manager.list());
+  const outcomes = new OutcomeStore(config.state_dir);
+  await outcomes.open();
+  const forwards = new Forwards(config.state_dir, log.with({ component: "migrate" }), () => network.backend.sync());
+  await forwards.open();
+  const network = createNetwork(
+    config,
+    log,
+    () => manager.list(),
+    () => forwards.redirects((id) => manager.list().some((r) => r.id === id)),
+  );
+  const mode = chooseMode(qemu, accel.accelerator);
+  // Set once peering is up; the manager's drop hook may run before (agent start-up).
+  let arrivals: Arrivals | undefined;
   log.info("capsule network backend", { backend: network.backend.kind, why: network.reason });
   manager = new CapsuleManager({
     config,
@@ -83,6 +102,9 @@ export async function startAgent(config: Config, log: Logger): Promise<RunningAg
     budget,
     net: network.backend,
     bootFiles: (m) => Promise.resolve({ ...catalog.bootFiles(m), hostCmdline }),
+    onArrivalDropped: (rec, why) =>
+      arrivals?.dropped(rec.migration!.id, rec.id, why) ??
+        outcomes.put({ id: rec.migration!.id, capsuleId: rec.id, outcome: "aborted", message: why }),
   });
   await manager.open();
 
@@ -99,18 +121,57 @@ export async function startAgent(config: Config, log: Logger): Promise<RunningAg
   });
   let peers: Peers | undefined;
   let peerServer: PeerServer | undefined;
+  let dataListener: DataListener | undefined;
+  let departures: Departures | undefined;
   if (config.peering) {
     const p = config.peering;
     const peerLog = log.with({ component: "peer" });
     peers = new Peers(p.peers, p);
+    const [, host, port] = /^tcp:(.+):(\d+)$/.exec(p.listen)!;
+    const data = p.data_listen ? /^tcp:(.+):(\d+)$/.exec(p.data_listen)! : [p.listen, host, String(Number(port) + 1)];
+    dataListener = new DataListener({ hostname: data[1], port: Number(data[2]), cert: p.cert, key: p.key }, log);
+    arrivals = new Arrivals(manager, dataListener, outcomes, mode.mode, log);
+    departures = new Departures({
+      manager,
+      peers,
+      images,
+      net: network.backend,
+      forwards,
+      bus,
+      log,
+      mode: mode.mode,
+      nodeName: config.node_name,
+      accelerator: accel.accelerator,
+      cpuModel: config.cpu_model,
+      qemuVersion: qemu,
+      caPem: await Deno.readTextFile(p.ca),
+      graceMs: config.migration.grace_ms,
+      hook: config.migration.hook,
+      hookTimeoutMs: config.migration.hook_timeout_ms,
+    });
     peerServer = await startPeerServer(
       { ...p, peers: p.peers.map((x) => x.name) },
-      peerService(peerLog, new Set(p.peers.map((x) => x.name)), peerInfo),
+      peerService({
+        log: peerLog,
+        peers: new Set(p.peers.map((x) => x.name)),
+        info: peerInfo,
+        images,
+        arrivals,
+        mode: mode.mode,
+        graceMs: config.migration.grace_ms,
+      }),
       peerLog,
     );
+    log.info("live migration ready", {
+      mode: mode.mode,
+      why: mode.why,
+      dataPort: dataListener.port,
+      failpoints: activeFailpoints(),
+    });
+    departures.recover();
   }
   const server = await startServer({
-    capsule: capsuleService(manager, apiLog),
+    capsule: capsuleService(manager, apiLog, departures),
     image: imageService(catalog, manager, apiLog),
     agent: agentService({
       version: VERSION,
@@ -134,6 +195,8 @@ export async function startAgent(config: Config, log: Logger): Promise<RunningAg
     async stop() {
       await server.shutdown();
       await peerServer?.shutdown();
+      await dataListener?.close();
+      forwards.close();
       peers?.close();
       manager.close(); // capsules keep running; the next agent re-adopts them
       lock.close();

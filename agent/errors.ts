@@ -97,3 +97,10 @@ export function asFlexError(err: unknown): FlexError {
   const msg = err instanceof Error ? err.message : String(err);
   return new InternalError(msg, { cause: err });
 }
+
+/** The operation was abandoned part-way (a migration cancelled or failed); nothing changed. */
+export class AbortedError extends FlexError {
+  constructor(message: string, options?: ErrorOptions) {
+    super(Code.ABORTED, message, options);
+  }
+}

@@ -1,15 +1,25 @@
 /**
  * flexcap.v1.CapsuleService: thin handlers, one domain call each.
  */
-import type { CapsuleServiceServer } from "../gen/flexcap/v1/capsule.ts";
+import type { CapsuleServiceServer, MigrateCapsuleResponse } from "../gen/flexcap/v1/capsule.ts";
 import type { CapsuleManager } from "../capsule/manager.ts";
 import type { Logger } from "../log.ts";
-import { capsuleToPb, eventToPb, logChunkToPb, protocolFromPb } from "./convert.ts";
+import {
+  capsuleToPb,
+  eventToPb,
+  logChunkToPb,
+  migrationProgressToPb,
+  migrationResultToPb,
+  protocolFromPb,
+} from "./convert.ts";
+import { FailedPreconditionError } from "../errors.ts";
+import type { Departures } from "../migrate/outgoing.ts";
 import { serverStream, unary } from "./rpc.ts";
 import {
   CapsuleRefSchema,
   CreateCapsuleSchema,
   ListCapsulesSchema,
+  MigrateCapsuleSchema,
   StopCapsuleSchema,
   StreamConsoleSchema,
   StreamLogsSchema,
@@ -17,8 +27,12 @@ import {
   WatchEventsSchema,
 } from "./validate.ts";
 
-/** Builds the CapsuleService implementation over `m`. */
-export function capsuleService(m: CapsuleManager, log: Logger): CapsuleServiceServer {
+/** Builds the CapsuleService implementation over `m`; `departures` is absent without peering. */
+export function capsuleService(m: CapsuleManager, log: Logger, departures?: Departures): CapsuleServiceServer {
+  const mig = () => {
+    if (!departures) throw new FailedPreconditionError("live migration needs `peering` in this agent's config");
+    return departures;
+  };
   const one = async (v: ReturnType<CapsuleManager["view"]> | Promise<ReturnType<CapsuleManager["view"]>>) => ({
     capsule: capsuleToPb(await v),
   });
@@ -64,6 +78,35 @@ export function capsuleService(m: CapsuleManager, log: Logger): CapsuleServiceSe
     streamLogs: serverStream(log, "StreamLogs", async function* (req, signal) {
       const { capsule, fromStart, follow } = validate(StreamLogsSchema, req);
       for await (const c of m.logs(capsule, fromStart, follow, signal)) yield { chunk: logChunkToPb(c) };
+    }),
+    // The migration belongs to the agent: a caller that goes away stops watching, not migrating.
+    migrateCapsule: serverStream(log, "MigrateCapsule", async function* (req) {
+      const { capsule, targetPeer, options } = validate(MigrateCapsuleSchema, req);
+      const queue: MigrateCapsuleResponse[] = [];
+      let wake: (() => void) | undefined;
+      let finished = false;
+      const run = mig().migrate(capsule, targetPeer, options, (p) => {
+        queue.push({ kind: { $case: "progress", value: migrationProgressToPb(p) } });
+        wake?.();
+      }).then((r) => {
+        queue.push({ kind: { $case: "result", value: migrationResultToPb(r) } });
+      }).finally(() => {
+        finished = true;
+        wake?.();
+      });
+      run.catch(() => {});
+      while (!finished || queue.length > 0) {
+        if (queue.length === 0) {
+          await new Promise<void>((r) => wake = r);
+          wake = undefined;
+          continue;
+        }
+        yield queue.shift()!;
+      }
+      await run; // rethrows the failure as the call's status
+    }),
+    cancelMigration: unary(log, "CancelMigration", (req) => {
+      return Promise.resolve({ migrationId: mig().cancel(ref(req)) });
     }),
   };
 }

@@ -4,6 +4,8 @@
 import { Buffer } from "node:buffer";
 import * as pb from "../gen/flexcap/v1/capsule.ts";
 import * as ipb from "../gen/flexcap/v1/image.ts";
+import * as mpb from "../gen/flexcap/v1/migration.ts";
+import type { MigrationPhaseName, MigrationProgress, MigrationResult } from "../migrate/types.ts";
 import type { CapsuleView } from "../capsule/manager.ts";
 import type { CapsuleEvent } from "../capsule/events.ts";
 import type { LogChunk } from "../capsule/app_log.ts";
@@ -22,6 +24,8 @@ const STATE: Record<CapsuleStateName, pb.CapsuleState> = {
   saving: pb.CapsuleState.CAPSULE_STATE_SAVING,
   saved: pb.CapsuleState.CAPSULE_STATE_SAVED,
   restoring: pb.CapsuleState.CAPSULE_STATE_RESTORING,
+  migrating: pb.CapsuleState.CAPSULE_STATE_MIGRATING,
+  incoming: pb.CapsuleState.CAPSULE_STATE_INCOMING,
 };
 
 const EVENT: Record<CapsuleEvent["type"], pb.EventType> = {
@@ -35,6 +39,7 @@ const EVENT: Record<CapsuleEvent["type"], pb.EventType> = {
   exposed: pb.EventType.EVENT_TYPE_EXPOSED,
   unexposed: pb.EventType.EVENT_TYPE_UNEXPOSED,
   expose_refused: pb.EventType.EVENT_TYPE_EXPOSE_REFUSED,
+  migration: pb.EventType.EVENT_TYPE_MIGRATION,
 };
 
 /** Wire protocol enum → domain ("tcp" when unspecified). */
@@ -131,7 +136,29 @@ export function eventToPb(e: CapsuleEvent): pb.Event {
     log: e.log ? logChunkToPb(e.log) : undefined,
     exit: e.exit,
     mapping: e.mapping ? portToPb(e.mapping) : undefined,
+    migration: e.migration ? migrationProgressToPb(e.migration) : undefined,
   };
+}
+
+const PHASE: Record<MigrationPhaseName, mpb.MigrationPhase> = {
+  preparing: mpb.MigrationPhase.MIGRATION_PHASE_PREPARING,
+  image: mpb.MigrationPhase.MIGRATION_PHASE_IMAGE,
+  streaming: mpb.MigrationPhase.MIGRATION_PHASE_STREAMING,
+  switchover: mpb.MigrationPhase.MIGRATION_PHASE_SWITCHOVER,
+  resuming: mpb.MigrationPhase.MIGRATION_PHASE_RESUMING,
+  completed: mpb.MigrationPhase.MIGRATION_PHASE_COMPLETED,
+  failed: mpb.MigrationPhase.MIGRATION_PHASE_FAILED,
+  cancelled: mpb.MigrationPhase.MIGRATION_PHASE_CANCELLED,
+};
+
+/** Domain migration progress → wire MigrationProgress. */
+export function migrationProgressToPb(p: MigrationProgress): mpb.MigrationProgress {
+  return { ...p, phase: PHASE[p.phase] };
+}
+
+/** Domain migration result → wire MigrationResult. */
+export function migrationResultToPb(r: MigrationResult): mpb.MigrationResult {
+  return { ...r, targetPorts: r.targetPorts.map((p) => ({ ...p })) };
 }
 
 /** Domain image → wire Image. */

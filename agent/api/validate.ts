@@ -51,6 +51,19 @@ export const CapsuleRefSchema = z.object({ capsule: ref });
 export const StopCapsuleSchema = z.object({ capsule: ref, graceMs: z.number().int().min(0).max(600_000) });
 export const StreamConsoleSchema = z.object({ capsule: ref, fromStart: z.boolean(), follow: z.boolean() });
 export const WatchEventsSchema = z.object({ capsule: z.string().max(128) });
+export const MigrateCapsuleSchema = z.object({
+  capsule: ref,
+  targetPeer: z.string().min(1, "required").max(253, "at most 253 characters"),
+  options: z.object({
+    // 0 lifts the cap; beyond 100 GiB/s is a typo.
+    maxBandwidthMibS: z.number().int().min(0).max(102_400, "at most 102400 MiB/s"),
+    downtimeLimitMs: z.number().int().min(0).max(60_000, "at most 60000 ms"),
+    autoConverge: z.boolean(),
+    allowPostcopy: z.boolean(),
+    timeoutMs: z.number().int().min(0).max(3_600_000, "at most 3600000 ms (1 hour)"),
+    gracePeriodMs: z.number().int().min(0).max(86_400_000, "at most 86400000 ms (1 day)"),
+  }).optional(),
+});
 export const ListCapsulesSchema = z.object({ labelSelector: z.record(labelKey, shortText(256)) });
 
 const absPath = z.string().min(1, "required").max(4096).startsWith("/", "expected an absolute path").refine(

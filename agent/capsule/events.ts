@@ -8,6 +8,7 @@ import type { GuestPort } from "../osserver/guest_messages.ts";
 import type { LogChunk } from "./app_log.ts";
 import type { CapsuleStateName } from "./states.ts";
 import type { PortMapping } from "./types.ts";
+import type { MigrationProgress } from "../migrate/types.ts";
 
 export type EventType =
   | "created"
@@ -19,7 +20,8 @@ export type EventType =
   | "exited"
   | "exposed"
   | "unexposed"
-  | "expose_refused";
+  | "expose_refused"
+  | "migration";
 
 /** One thing that happened to a capsule. */
 export interface CapsuleEvent {
@@ -39,6 +41,8 @@ export interface CapsuleEvent {
   log?: LogChunk;
   /** exited. */
   exit?: { code: number; signal: number };
+  /** migration. */
+  migration?: MigrationProgress;
 }
 
 type Listener = (e: CapsuleEvent) => void;

@@ -31,7 +31,8 @@ import { encodeLaunchConfig, type LaunchHost, qemuSpec } from "./launch.ts";
 import { KeyedMutex } from "./lock.ts";
 import { assertTransition, type CapsuleStateName, QEMU_STATES, requireState } from "./states.ts";
 import type { CapsuleStore } from "./store.ts";
-import type { CapsuleRecord, CapsuleSpec, PortMapping } from "./types.ts";
+import type { CapsuleRecord, CapsuleSpec, MigrationMark, PortMapping } from "./types.ts";
+import type { ArrivingNet } from "../net/network.ts";
 
 /** A capsule plus live figures, as returned to callers. */
 export interface CapsuleView {
@@ -50,6 +51,8 @@ export interface ManagerDeps {
   budget: MemoryBudget;
   /** The instance network: addresses, taps, host ports and rules. */
   net: NetworkBackend;
+  /** Told when an arriving capsule is dropped (aborted, or its QEMU died before the source let go). */
+  onArrivalDropped?(rec: CapsuleRecord, why: string): Promise<void>;
   /** Resolves an image's kernel, initrd, root disk and host kernel arguments. */
   bootFiles(
     image: ImageManifest,
@@ -363,6 +366,254 @@ export class CapsuleManager {
     for await (const e of this.deps.bus.stream(signal)) if (!id || e.capsuleId === id) yield e;
   }
 
+  // --- live migration (agent/migrate drives these) ---------------------------------------
+
+  /** Marks a running or paused capsule as migrating out; returns its record and QEMU. */
+  beginOutgoing(ref: string, mark: Pick<MigrationMark, "id" | "peer">): Promise<{ rec: CapsuleRecord; vm: QemuVm }> {
+    return this.#withCapsule(ref, async (rec) => {
+      requireState(rec.name, rec.state, "migrate", ["running", "paused"]);
+      if (rec.net?.backend !== "bridge" || this.deps.net.kind !== "bridge") {
+        throw new FailedPreconditionError(
+          `cannot migrate capsule "${rec.name}": live migration needs the bridge network (this agent runs ${this.deps.net.kind})`,
+        );
+      }
+      const vm = this.#vm(rec);
+      rec.migration = {
+        ...mark,
+        role: "source",
+        phase: "preparing",
+        startedAt: new Date().toISOString(),
+        resumeTo: rec.state as "running" | "paused",
+      };
+      await this.#setState(rec, "migrating", `migrating to ${mark.peer}`);
+      return { rec, vm };
+    });
+  }
+
+  /** Where a capsule's files live. */
+  paths(id: string) {
+    return this.deps.store.paths(id);
+  }
+
+  /** Waits up to `ms` for the capsule's OS channel to connect; false if it did not. */
+  async guestConnected(id: string, ms: number): Promise<boolean> {
+    return await this.#links.get(id)?.connected(ms) ?? false;
+  }
+
+  /** The QEMU of a capsule, if one runs. */
+  vmOf(id: string): QemuVm | undefined {
+    return this.#vms.get(id);
+  }
+
+  /** Journals the phase of a migration (either side) before the step it names is taken. */
+  setMigrationPhase(id: string, phase: MigrationMark["phase"]): Promise<void> {
+    return this.#lock.run(id, async () => {
+      const rec = this.#records.get(id);
+      if (!rec?.migration) return;
+      rec.migration.phase = phase;
+      await this.deps.store.save(rec);
+    });
+  }
+
+  /**
+   * Source side of the switchover: the capsule's host ports stop leading here (the caller
+   * installs forwarding to the target in the same table apply). Journals "switchover".
+   */
+  withdrawForSwitchover(id: string): Promise<PortMapping[]> {
+    return this.#lock.run(id, async () => {
+      const rec = this.#records.get(id)!;
+      rec.migration!.exposed = rec.exposed ?? [];
+      rec.migration!.phase = "switchover";
+      rec.exposed = [];
+      await this.deps.store.save(rec);
+      return rec.migration!.exposed;
+    });
+  }
+
+  /** A failed or cancelled outgoing migration: the capsule is back as it was (exposure included). */
+  endOutgoing(id: string, reason: string): Promise<void> {
+    return this.#lock.run(id, async () => {
+      const rec = this.#records.get(id);
+      if (!rec?.migration) return;
+      const mark = rec.migration;
+      rec.migration = undefined;
+      if (rec.state !== "migrating") {
+        // QEMU died meanwhile: the record already says stopped.
+        await this.deps.store.save(rec);
+        return;
+      }
+      if (mark.exposed) rec.exposed = mark.exposed;
+      await this.#setState(rec, mark.resumeTo, reason);
+      await this.deps.net.sync().catch((err) => this.#log.error("could not restore exposure", { error: err }));
+    });
+  }
+
+  /** The capsule runs on the target: ends the source QEMU, removes the record and its network here. */
+  releaseOutgoing(id: string, reason: string): Promise<void> {
+    return this.#lock.run(id, async () => {
+      const rec = this.#records.get(id);
+      if (!rec) return;
+      const vm = this.#vms.get(id);
+      this.#forget(id);
+      if (vm) await vm.quitAndWait(KILL_WAIT_MS);
+      await this.#appLogs.get(id)?.close();
+      this.#appLogs.delete(id);
+      this.#records.delete(id);
+      this.#exitCodes.delete(id);
+      this.#refused.delete(id);
+      await this.deps.store.remove(id);
+      await this.deps.net.sync().catch((err) => this.#log.warn("network sync after migration failed", { error: err }));
+      await this.deps.net.detach(rec).catch((err) =>
+        this.#log.warn("could not remove migrated capsule's network; swept at next start", { error: err })
+      );
+      this.#publish(rec, "deleted", rec.state, reason);
+      this.#log.info("capsule left this agent", { capsule: id, name: rec.name, reason });
+    });
+  }
+
+  /**
+   * Target side: records an arriving capsule (state incoming), takes over its address and
+   * MAC, stages its exposure and launches a QEMU waiting for the memory stream.
+   */
+  admitIncoming(
+    input: {
+      id: string;
+      name: string;
+      imageId: string;
+      spec: CapsuleSpec;
+      net: ArrivingNet;
+      listening: GuestPort[];
+      paused: boolean;
+    },
+    mark: Pick<MigrationMark, "id" | "peer">,
+  ): Promise<{ rec: CapsuleRecord; vm: QemuVm }> {
+    return this.#lock.run(CREATE_LOCK, async () => {
+      if (this.#records.has(input.id)) throw new AlreadyExistsError("capsule", input.id);
+      if ([...this.#records.values()].some((r) => r.name === input.name)) {
+        throw new AlreadyExistsError("capsule", input.name);
+      }
+      if (!this.deps.images.hasId(input.imageId)) {
+        throw new FailedPreconditionError(`capsule.image_id: image ${input.imageId} is not on this agent`);
+      }
+      const manifest = await this.deps.images.manifestById(input.imageId);
+      checkFits(this.deps.budget, this.committedMib(), input.spec.memoryMib, "capsule.spec.memory_mib");
+      const now = new Date().toISOString();
+      const rec: CapsuleRecord = {
+        id: input.id,
+        name: input.name,
+        imageId: input.imageId,
+        spec: input.spec,
+        state: "incoming",
+        stateReason: `arriving from ${mark.peer}`,
+        createdAt: now,
+        updatedAt: now,
+        migration: {
+          ...mark,
+          role: "target",
+          phase: "incoming",
+          startedAt: now,
+          resumeTo: input.paused ? "paused" : "running",
+        },
+      };
+      rec.net = await this.deps.net.adopt(rec, input.net, this.list());
+      this.#records.set(rec.id, rec);
+      let vm: QemuVm | undefined;
+      try {
+        // Exposure is staged now so the switchover has nothing left to do here.
+        rec.listening = input.listening;
+        rec.exposed = this.deps.net.decide(rec, input.listening).exposed;
+        await this.deps.store.create(rec);
+        await this.deps.net.sync();
+        const paths = this.deps.store.paths(rec.id);
+        await atomicWrite(paths.launchConfig, encodeLaunchConfig(rec, manifest));
+        const net = this.deps.net.launch(rec, this.list().filter((r) => r.id !== rec.id));
+        vm = await QemuVm.launch(
+          this.deps.config.qemu_binary,
+          qemuSpec(rec, manifest, paths, await this.#host(manifest), net, true),
+          this.#log.with({ capsule: rec.id }),
+        );
+        // The OS channel is opened before the guest runs (as for restore), so none of its output is lost.
+        this.#attach(rec, vm, net, true);
+        await this.deps.store.save(rec);
+      } catch (err) {
+        if (vm) {
+          this.#forget(rec.id);
+          vm.kill();
+          vm.detach();
+        }
+        this.#records.delete(rec.id);
+        await this.deps.store.remove(rec.id).catch(() => {});
+        await this.deps.net.sync().catch(() => {});
+        await this.deps.net.detach(rec).catch(() => {});
+        throw err;
+      }
+      this.#publish(rec, "created", undefined, `arriving from ${mark.peer}`);
+      this.#log.info("capsule arriving", { capsule: rec.id, name: rec.name, from: mark.peer, ip: rec.net.ip });
+      return { rec, vm };
+    });
+  }
+
+  /** Target side: the guest resumed here; the capsule is running (the source has not let go yet). */
+  completeIncoming(id: string): Promise<void> {
+    return this.#lock.run(id, async () => {
+      const rec = this.#records.get(id);
+      if (!rec || rec.state !== "incoming") return;
+      await this.#arrived(rec, `arrived from ${rec.migration?.peer}`);
+    });
+  }
+
+  /** Target side: the source ended its copy; the capsule is simply ours now. */
+  releaseIncoming(id: string): Promise<void> {
+    return this.#lock.run(id, async () => {
+      const rec = this.#records.get(id);
+      if (!rec?.migration || rec.migration.role !== "target") return;
+      rec.migration = undefined;
+      await this.deps.store.save(rec);
+    });
+  }
+
+  /** Target side: drops an arriving capsule that must not run here; false if it has already run. */
+  abortIncoming(id: string, why: string): Promise<boolean> {
+    return this.#lock.run(id, async () => {
+      const rec = this.#records.get(id);
+      if (!rec) return true;
+      if (rec.migration?.role !== "target" || rec.migration.phase === "running") return false;
+      const vm = this.#vms.get(id);
+      this.#forget(id);
+      if (vm) {
+        vm.kill();
+        await vm.exited;
+      }
+      await this.#dropArrival(rec, why);
+      return true;
+    });
+  }
+
+  // The arriving guest runs here.
+  async #arrived(rec: CapsuleRecord, reason: string): Promise<void> {
+    rec.migration!.phase = "running";
+    await this.#forceState(rec, rec.migration!.resumeTo, reason);
+  }
+
+  // Removes an arriving capsule's record, rules and tap; its QEMU is already gone.
+  async #dropArrival(rec: CapsuleRecord, why: string): Promise<void> {
+    this.#records.delete(rec.id);
+    this.#exitCodes.delete(rec.id);
+    this.#refused.delete(rec.id);
+    await this.#appLogs.get(rec.id)?.close();
+    this.#appLogs.delete(rec.id);
+    await this.deps.onArrivalDropped?.(rec, why).catch((err) =>
+      this.#log.error("could not journal a dropped arrival", { capsule: rec.id, error: err })
+    );
+    await this.deps.store.remove(rec.id).catch(() => {});
+    await this.deps.net.sync().catch((err) =>
+      this.#log.warn("network sync after dropped arrival failed", { error: err })
+    );
+    await this.deps.net.detach(rec).catch(() => {});
+    this.#publish(rec, "deleted", rec.state, why);
+    this.#log.warn("arriving capsule dropped", { capsule: rec.id, why });
+  }
+
   // --- internals -------------------------------------------------------------------------
 
   #withCapsule<T>(ref: string, fn: (rec: CapsuleRecord) => Promise<T>): Promise<T> {
@@ -441,6 +692,11 @@ export class CapsuleManager {
       this.#lock.run(rec.id, async () => {
         if (this.#vms.get(rec.id) !== vm || exit.reason === "detached") return; // an operation already handled it
         this.#forget(rec.id);
+        if (rec.migration?.role === "target") {
+          // Not ours until the source lets go: the source may still resume its copy.
+          await this.#dropArrival(rec, `qemu exited before the source released the capsule: ${exit.reason}`);
+          return;
+        }
         const code = this.#exitCodes.get(rec.id);
         rec.exitCode = code;
         // A guest that dies without reporting an exit often left the reason on its console.
@@ -633,6 +889,31 @@ export class CapsuleManager {
       } catch (err) {
         log.info("qemu not adoptable", { error: (err as Error).message });
       }
+    }
+    if (rec.state === "incoming") {
+      // Arrived while we were down (QEMU resumes the guest by itself once the stream is in), or not.
+      const status = vm ? await vm.status().catch(() => "gone") : "gone";
+      if (vm && status === "running") {
+        this.#attach(rec, vm, { ports: rec.runtime!.ports, hostAddress: rec.runtime!.hostAddress }, true);
+        await this.#arrived(rec, "arrived while the agent was down");
+        return;
+      }
+      if (vm) {
+        vm.kill();
+        vm.detach();
+      }
+      await this.#dropArrival(rec, `agent restarted while the guest was arriving (qemu ${status})`);
+      return;
+    }
+    if (rec.state === "migrating") {
+      // Only the target can say where the guest runs now: agent/migrate settles it (recoverOutgoing).
+      if (vm) this.#attach(rec, vm, { ports: rec.runtime!.ports, hostAddress: rec.runtime!.hostAddress }, true);
+      else rec.runtime = undefined;
+      log.info("capsule was migrating when the agent stopped; settling it with the target", {
+        migration: rec.migration?.id,
+        qemu: vm ? "alive" : "gone",
+      });
+      return;
     }
     if (!vm) {
       const settled = rec.state === "restoring" ? "saved" : "stopped";

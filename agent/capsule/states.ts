@@ -14,6 +14,8 @@ export const CAPSULE_STATES = [
   "saving",
   "saved",
   "restoring",
+  "migrating",
+  "incoming",
 ] as const;
 export type CapsuleStateName = typeof CAPSULE_STATES[number];
 
@@ -21,8 +23,8 @@ export type CapsuleStateName = typeof CAPSULE_STATES[number];
 const TRANSITIONS: Record<CapsuleStateName, readonly CapsuleStateName[]> = {
   created: ["starting"],
   starting: ["running", "stopped"],
-  running: ["paused", "stopping", "saving", "stopped"],
-  paused: ["running", "stopping", "saving", "stopped"],
+  running: ["paused", "stopping", "saving", "stopped", "migrating"],
+  paused: ["running", "stopping", "saving", "stopped", "migrating"],
   stopping: ["stopped"],
   stopped: ["starting"],
   // A failed save resumes the guest where it was (running or paused).
@@ -30,6 +32,10 @@ const TRANSITIONS: Record<CapsuleStateName, readonly CapsuleStateName[]> = {
   saved: ["restoring"],
   // A failed restore keeps the state file: back to saved.
   restoring: ["running", "paused", "saved", "stopped"],
+  // A failed or cancelled migration leaves the guest as it was; a completed one removes the record.
+  migrating: ["running", "paused", "stopped"],
+  // An arriving guest runs once its memory is in; an aborted arrival removes the record.
+  incoming: ["running", "paused", "stopped"],
 };
 
 /** States in which a QEMU process exists (or is being made) for the capsule. */
@@ -40,6 +46,8 @@ export const QEMU_STATES: ReadonlySet<CapsuleStateName> = new Set([
   "stopping",
   "saving",
   "restoring",
+  "migrating",
+  "incoming",
 ]);
 
 /** True when `from → to` is a legal transition. */

@@ -61,6 +61,15 @@ const RecordSchema = z.object({
       hostPorts: z.array(PortSchema),
     }).optional(),
     exposed: z.array(PortSchema).optional(),
+    migration: z.object({
+      id: z.string(),
+      role: z.enum(["source", "target"]),
+      peer: z.string(),
+      phase: z.enum(["preparing", "streaming", "switchover", "incoming", "running"]),
+      startedAt: z.string(),
+      resumeTo: z.enum(["running", "paused"]),
+      exposed: z.array(PortSchema).optional(),
+    }).optional(),
   }),
 });
 

@@ -55,6 +55,25 @@ export interface VmRuntime {
   hostAddress: string;
 }
 
+/** Where a live migration of this capsule stands; journaled so a restarted agent can settle it. */
+export interface MigrationMark {
+  id: string;
+  /** source: the capsule leaves this agent; target: it arrives here. */
+  role: "source" | "target";
+  /** The other agent's peer name. */
+  peer: string;
+  /**
+   * source: preparing → streaming → switchover (from the moment migrate-continue may have been sent, only the
+   * target can say where the guest runs). target: incoming → running (ran here; the source not yet released it).
+   */
+  phase: "preparing" | "streaming" | "switchover" | "incoming" | "running";
+  startedAt: string;
+  /** The run state to return to when the migration fails. */
+  resumeTo: "running" | "paused";
+  /** source: exposure withdrawn at switchover, put back if the migration fails. */
+  exposed?: PortMapping[];
+}
+
 /** The persisted record of a capsule (capsules/<id>/capsule.json). */
 export interface CapsuleRecord {
   id: string;
@@ -75,4 +94,6 @@ export interface CapsuleRecord {
   exposed?: PortMapping[];
   /** Run state at the moment of the last save, restored with it. */
   savedFrom?: "running" | "paused";
+  /** Set while the capsule is being live-migrated (either side). */
+  migration?: MigrationMark;
 }

@@ -2,6 +2,8 @@
  * Typed, promise-based clients for the agent's API, shared by the CLI, the demo, tests
  * and benchmarks.
  */
+import type { MigrateCapsuleRequest, MigrateCapsuleResponse } from "../gen/flexcap/v1/capsule.ts";
+import type { MigrationProgress, MigrationResult } from "../gen/flexcap/v1/migration.ts";
 import * as grpc from "@grpc/grpc-js";
 import { Buffer } from "node:buffer";
 import { AgentServiceClient } from "../gen/flexcap/v1/agent.ts";
@@ -24,7 +26,7 @@ type Promisified<C> = {
 };
 
 // Server-streaming methods return their stream; every other method is unary.
-const STREAMING = new Set(["watchEvents", "streamConsole", "streamLogs"]);
+const STREAMING = new Set(["watchEvents", "streamConsole", "streamLogs", "migrateCapsule"]);
 
 /** Wraps a grpc-js client so unary methods return promises and streaming ones their stream. */
 export function promisify<C extends grpc.Client>(client: C): Promisified<C> {
@@ -89,4 +91,22 @@ export function connect(
       agent.close();
     },
   };
+}
+
+/** Runs MigrateCapsule to its end: calls `onProgress` per report, resolves with the result, rejects with the status. */
+export function migrate(
+  client: FlexcapClient,
+  req: MigrateCapsuleRequest,
+  onProgress: (p: MigrationProgress) => void = () => {},
+): Promise<MigrationResult> {
+  return new Promise((resolve, reject) => {
+    let result: MigrationResult | undefined;
+    const stream = client.raw.capsules.migrateCapsule(req);
+    stream.on("data", (m: MigrateCapsuleResponse) => {
+      if (m.kind?.$case === "progress") onProgress(m.kind.value);
+      if (m.kind?.$case === "result") result = m.kind.value;
+    });
+    stream.on("error", reject);
+    stream.on("end", () => result ? resolve(result) : reject(new Error("MigrateCapsule ended without a result")));
+  });
 }

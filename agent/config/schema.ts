@@ -88,7 +88,20 @@ export const ConfigSchema = z.strictObject({
       // host:port of the peer's peering listener.
       address: z.string().regex(/^[^:\s]+:\d{1,5}$/, { message: 'expected "HOST:PORT"' }),
     })).max(256).default([]),
+    // Where migration data connections are accepted (TLS, same certificate), "tcp:HOST:PORT";
+    // default: the peering host, port + 1. Port 0 picks a free one.
+    data_listen: z.string().regex(/^tcp:[^:]+:\d{1,5}$/, { message: 'expected "tcp:HOST:PORT"' }).optional(),
   }).optional(),
+  // Live migration.
+  migration: z.strictObject({
+    // How long a source keeps forwarding a migrated capsule's host ports to its new instance.
+    grace_ms: z.number().int().min(0).max(86_400_000).default(30_000),
+    // Command run at switchover with JSON about the move on stdin (update DNS, a load balancer…);
+    // argv, no shell. Empty: none.
+    hook: z.array(z.string()).default([]),
+    // The hook is waited for at most this long (the guest is stopped meanwhile).
+    hook_timeout_ms: z.number().int().min(0).max(60_000).default(2_000),
+  }).prefault({}),
   // How long a guest gets to power off before QEMU is killed.
   stop_grace_ms: z.number().int().min(0).max(600_000).default(10_000),
   // Where downloaded kernels are cached (outside the state dir: shared, re-creatable).

@@ -5,7 +5,7 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import { Buffer } from "node:buffer";
-import { NotFoundError } from "../errors.ts";
+import { NotFoundError, UnavailableError } from "../errors.ts";
 import { type PeerInfo, PeerServiceClient } from "../gen/flexcap/v1/peer.ts";
 
 /** One configured peer. */
@@ -61,20 +61,30 @@ export class Peers {
     return c;
   }
 
+  /** Asks one peer for its info. */
+  async info(name: string): Promise<PeerInfo> {
+    const client = this.client(name);
+    try {
+      const res = await new Promise<{ info?: PeerInfo }>((resolve, reject) =>
+        client.getPeerInfo(
+          {},
+          new grpc.Metadata(),
+          { deadline: Date.now() + INFO_TIMEOUT_MS },
+          (err, r) => err ? reject(err) : resolve(r),
+        )
+      );
+      if (!res.info) throw new Error("empty answer");
+      return res.info;
+    } catch (err) {
+      throw new UnavailableError(`target_peer: ${name} did not answer: ${(err as Error).message}`);
+    }
+  }
+
   /** Asks every peer for its info, in parallel; failures are reported per peer. */
   status(): Promise<PeerStatus[]> {
     return Promise.all(this.peers.map(async (p): Promise<PeerStatus> => {
       try {
-        const client = this.client(p.name);
-        const res = await new Promise<{ info?: PeerInfo }>((resolve, reject) =>
-          client.getPeerInfo(
-            {},
-            new grpc.Metadata(),
-            { deadline: Date.now() + INFO_TIMEOUT_MS },
-            (err, r) => err ? reject(err) : resolve(r),
-          )
-        );
-        return { ...p, info: res.info };
+        return { ...p, info: await this.info(p.name) };
       } catch (err) {
         return { ...p, error: (err as Error).message };
       }

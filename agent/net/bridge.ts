@@ -7,15 +7,15 @@
  */
 import { QEMU_STATES } from "../capsule/states.ts";
 import type { CapsuleNet, CapsuleRecord, PortMapping } from "../capsule/types.ts";
-import { InternalError } from "../errors.ts";
+import { FailedPreconditionError, InternalError, InvalidArgumentError } from "../errors.ts";
 import type { Logger } from "../log.ts";
 import type { GuestPort } from "../osserver/guest_messages.ts";
-import { formatCidr, parseIp } from "./cidr.ts";
+import { contains, formatCidr, lastOf, parseIp } from "./cidr.ts";
 import { allocateIp } from "./ipam.ts";
 import { ensureBridge, ensureTap, listLinks, removeBridge, removeTap, setEgressLimit } from "./links.ts";
-import { type Exposure, type LaunchNet, minus, type NetworkBackend } from "./network.ts";
+import { type ArrivingNet, type Exposure, type LaunchNet, minus, type NetworkBackend } from "./network.ts";
 import { applyBatch, compareTable, deleteTable, type NftCommandLine, readTable } from "./nft.ts";
-import { renderTable, type TableState } from "./nft_render.ts";
+import { type Redirect, renderTable, type TableState } from "./nft_render.ts";
 import type { BridgePlan } from "./plan.ts";
 import { decideExposure, isPortFree, portKey, resolvePorts } from "./ports.ts";
 
@@ -37,6 +37,8 @@ export interface BridgeOptions {
   /** True if a host process holds the port (default: try to bind it on every address). */
   hostBusy?(m: PortMapping): boolean;
   nft?: NftCommandLine;
+  /** Host ports forwarded to other instances (migrated capsules' grace periods). */
+  redirects?(): Redirect[];
 }
 
 /** The real capsule network (root only). */
@@ -124,6 +126,55 @@ export class BridgeNetwork implements NetworkBackend {
     return net;
   }
 
+  /** Takes over an arriving capsule's address and MAC; resolves its host ports here and creates its tap. */
+  async adopt(rec: CapsuleRecord, from: ArrivingNet, others: CapsuleRecord[]): Promise<CapsuleNet> {
+    const ip = parseIp(from.ip);
+    const cluster = this.plan.cluster;
+    if (!contains(cluster, ip) || ip === cluster.base || ip === lastOf(cluster) || from.ip === this.plan.gateway) {
+      throw new InvalidArgumentError("capsule.ip", `${from.ip} is not a capsule address of ${formatCidr(cluster)}`);
+    }
+    const holder = others.find((r) => r.net?.backend === "bridge" && r.net.ip === from.ip);
+    if (holder) {
+      throw new FailedPreconditionError(`capsule.ip: ${from.ip} is held by capsule "${holder.name}" on this agent`);
+    }
+    const held = new Set<string>();
+    for (const r of others) for (const p of r.net?.hostPorts ?? []) held.add(portKey(p.hostPort, p.protocol));
+    const probe = (port: number, proto: "tcp" | "udp") =>
+      !this.#hostBusy({ hostPort: port, guestPort: 0, protocol: proto });
+    // Ports the spec leaves to the agent keep their source number where it is free here: clients
+    // that learned it keep working.
+    const wanted = rec.spec.ports.map((p, i) => {
+      const was = from.hostPorts[i];
+      const free = was && p.hostPort === 0 && !held.has(portKey(was.hostPort, p.protocol)) &&
+        probe(was.hostPort, p.protocol);
+      return free ? { ...p, hostPort: was.hostPort } : p;
+    });
+    const hostPorts = resolvePorts(wanted, held, "0.0.0.0", this.plan.portRange, probe);
+    const net: CapsuleNet = {
+      backend: "bridge",
+      ip: from.ip,
+      prefix: from.prefix,
+      gateway: this.plan.gateway,
+      dns: this.plan.dns,
+      mac: from.mac,
+      tap: tapName(rec.id),
+      hostPorts,
+    };
+    try {
+      await this.#ensureLinks({ ...rec, net });
+    } catch (err) {
+      await this.#removeLinks({ ...rec, net }).catch(() => {});
+      throw err;
+    }
+    this.#log.info("arriving capsule's network adopted", {
+      capsule: rec.id,
+      ip: from.ip,
+      tap: net.tap,
+      hostPorts: hostPorts.map(fmt),
+    });
+    return net;
+  }
+
   /** Removes the tap, its route and neighbour entry, and the shaper; call after sync() without the record. */
   async detach(rec: CapsuleRecord): Promise<void> {
     if (rec.net?.backend !== "bridge") return;
@@ -196,7 +247,7 @@ export class BridgeNetwork implements NetworkBackend {
         exposed: QEMU_STATES.has(r.state) ? r.exposed ?? [] : [],
       })),
       allow,
-      redirects: [],
+      redirects: this.opts.redirects?.() ?? [],
     };
   }
 

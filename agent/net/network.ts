@@ -40,6 +40,11 @@ export interface NetworkBackend {
   open(records: CapsuleRecord[]): Promise<void>;
   /** Gives a new capsule its address, MAC, host ports and link; `others` are all other records. */
   attach(rec: CapsuleRecord, others: CapsuleRecord[]): Promise<CapsuleNet>;
+  /**
+   * Gives a capsule arriving by live migration the identity it had at its source (address,
+   * MAC), host ports resolved here (the source's where free) and its tap.
+   */
+  adopt(rec: CapsuleRecord, from: ArrivingNet, others: CapsuleRecord[]): Promise<CapsuleNet>;
   /** Releases what attach created (delete). */
   detach(rec: CapsuleRecord): Promise<void>;
   /** The network part of a launch; `others` are all other records. */
@@ -50,6 +55,15 @@ export interface NetworkBackend {
   sync(): Promise<void>;
   /** Removes everything the agent created on the instance (uninstall). */
   uninstall(records: CapsuleRecord[]): Promise<void>;
+}
+
+/** A migrating capsule's network identity as its source had it. */
+export interface ArrivingNet {
+  ip: string;
+  prefix: number;
+  mac: string;
+  /** Host ports at the source; spec ports with host_port 0 keep theirs here when free. */
+  hostPorts: PortMapping[];
 }
 
 /** Mappings in `a` missing from `b`, by host port and protocol. */

@@ -29,6 +29,12 @@ export interface Redirect {
   toAddress: string;
   toPort: number;
   comment: string;
+  /**
+   * The moved capsule's address. Connections made before the move are DNAT'ed to it and
+   * cannot follow it (their TCP state is in the guest, their NAT state here): they get a
+   * reset at once, so clients reconnect (and are forwarded) instead of timing out.
+   */
+  capsuleIp?: string;
 }
 
 /** The desired state the table is rendered from. */
@@ -177,6 +183,13 @@ export function rules(state: TableState): Record<string, unknown>[] {
   add("input", [fromBridge, match(payload("icmp", "type"), "echo-request"), accept], "ping the gateway");
   add("input", [fromBridge, counter, drop], "capsule to host");
 
+  for (const ip of new Set(state.redirects.flatMap((r) => r.capsuleIp ? [r.capsuleIp] : []))) {
+    add("forward", [
+      match(payload("ip", "daddr"), ip),
+      match(meta("l4proto"), "tcp"),
+      { reject: { type: "tcp reset" } },
+    ], "moved capsule: reset old connections");
+  }
   add("forward", [fromBridge, jump("from_capsules")]);
   add("forward", [toBridge, jump("to_capsules")]);
 

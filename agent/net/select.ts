@@ -8,6 +8,7 @@ import type { Logger } from "../log.ts";
 import { macForCapsule } from "../vmm/qemu_args.ts";
 import { BridgeNetwork } from "./bridge.ts";
 import type { NetworkBackend } from "./network.ts";
+import type { Redirect } from "./nft_render.ts";
 import { bridgePlan } from "./plan.ts";
 import { UsermodeNetwork } from "./usermode.ts";
 
@@ -22,16 +23,20 @@ export function chooseBackend(net: Config["network"], uid: number | null = Deno.
     : { kind: "usermode", reason: "auto: not root (bridge needs CAP_NET_ADMIN)" };
 }
 
-/** Builds the backend; `records` returns the manager's records (the desired state). */
+/**
+ * Builds the backend; `records` returns the manager's records (the desired state),
+ * `redirects` the host ports forwarded to other instances after migrations.
+ */
 export function createNetwork(
   config: Config,
   log: Logger,
   records: () => CapsuleRecord[],
+  redirects: () => Redirect[] = () => [],
 ): { backend: NetworkBackend; reason: string } {
   const choice = chooseBackend(config.network);
   if (choice.kind === "bridge") {
     return {
-      backend: new BridgeNetwork(bridgePlan(config.network), log, records, { macFor: macForCapsule }),
+      backend: new BridgeNetwork(bridgePlan(config.network), log, records, { macFor: macForCapsule, redirects }),
       reason: choice.reason,
     };
   }

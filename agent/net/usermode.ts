@@ -3,6 +3,7 @@
  * QEMU, and declared ports are forwarded from one host address as soon as QEMU starts.
  * For rootless development; it gives no isolation between capsules beyond QEMU's own.
  */
+import { FailedPreconditionError } from "../errors.ts";
 import type { CapsuleNet, CapsuleRecord } from "../capsule/types.ts";
 import { QEMU_STATES } from "../capsule/states.ts";
 import type { GuestPort } from "../osserver/guest_messages.ts";
@@ -41,6 +42,13 @@ export class UsermodeNetwork implements NetworkBackend {
       mac: this.opts.macFor(rec.id),
       hostPorts: rec.spec.ports,
     });
+  }
+
+  /** Live migration needs a capsule address that survives the move: bridge only. */
+  adopt(): Promise<CapsuleNet> {
+    return Promise.reject(
+      new FailedPreconditionError("live migration needs the bridge network on both agents; this agent runs usermode"),
+    );
   }
 
   /** Nothing to release. */

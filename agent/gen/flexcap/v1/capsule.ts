@@ -21,6 +21,7 @@ import {
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
 import { Timestamp } from "../../google/protobuf/timestamp.ts";
+import { MigrationOptions, MigrationProgress, MigrationResult } from "./migration.ts";
 
 export const protobufPackage = "flexcap.v1";
 
@@ -47,6 +48,10 @@ export enum CapsuleState {
   CAPSULE_STATE_SAVED = 8,
   /** CAPSULE_STATE_RESTORING - The guest is being loaded from its state file. */
   CAPSULE_STATE_RESTORING = 9,
+  /** CAPSULE_STATE_MIGRATING - The guest runs here while it is live-migrated to a peer. */
+  CAPSULE_STATE_MIGRATING = 10,
+  /** CAPSULE_STATE_INCOMING - The guest is arriving from a peer; it runs here once the migration completes. */
+  CAPSULE_STATE_INCOMING = 11,
   UNRECOGNIZED = -1,
 }
 
@@ -82,6 +87,12 @@ export function capsuleStateFromJSON(object: any): CapsuleState {
     case 9:
     case "CAPSULE_STATE_RESTORING":
       return CapsuleState.CAPSULE_STATE_RESTORING;
+    case 10:
+    case "CAPSULE_STATE_MIGRATING":
+      return CapsuleState.CAPSULE_STATE_MIGRATING;
+    case 11:
+    case "CAPSULE_STATE_INCOMING":
+      return CapsuleState.CAPSULE_STATE_INCOMING;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -111,6 +122,10 @@ export function capsuleStateToJSON(object: CapsuleState): string {
       return "CAPSULE_STATE_SAVED";
     case CapsuleState.CAPSULE_STATE_RESTORING:
       return "CAPSULE_STATE_RESTORING";
+    case CapsuleState.CAPSULE_STATE_MIGRATING:
+      return "CAPSULE_STATE_MIGRATING";
+    case CapsuleState.CAPSULE_STATE_INCOMING:
+      return "CAPSULE_STATE_INCOMING";
     case CapsuleState.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -220,6 +235,8 @@ export enum EventType {
   EVENT_TYPE_UNEXPOSED = 9,
   /** EVENT_TYPE_EXPOSE_REFUSED - The app listens on a port the agent will not expose (Event.port; why in message). */
   EVENT_TYPE_EXPOSE_REFUSED = 10,
+  /** EVENT_TYPE_MIGRATION - Live-migration progress or outcome (Event.migration). */
+  EVENT_TYPE_MIGRATION = 11,
   UNRECOGNIZED = -1,
 }
 
@@ -258,6 +275,9 @@ export function eventTypeFromJSON(object: any): EventType {
     case 10:
     case "EVENT_TYPE_EXPOSE_REFUSED":
       return EventType.EVENT_TYPE_EXPOSE_REFUSED;
+    case 11:
+    case "EVENT_TYPE_MIGRATION":
+      return EventType.EVENT_TYPE_MIGRATION;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -289,6 +309,8 @@ export function eventTypeToJSON(object: EventType): string {
       return "EVENT_TYPE_UNEXPOSED";
     case EventType.EVENT_TYPE_EXPOSE_REFUSED:
       return "EVENT_TYPE_EXPOSE_REFUSED";
+    case EventType.EVENT_TYPE_MIGRATION:
+      return "EVENT_TYPE_MIGRATION";
     case EventType.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -576,7 +598,11 @@ export interface Event {
     | ExitStatus
     | undefined;
   /** EXPOSED, UNEXPOSED: the host port and where it leads. */
-  mapping: PortMapping | undefined;
+  mapping:
+    | PortMapping
+    | undefined;
+  /** MIGRATION: where the migration is. */
+  migration: MigrationProgress | undefined;
 }
 
 export interface StreamConsoleRequest {
@@ -604,6 +630,30 @@ export interface StreamLogsRequest {
 
 export interface StreamLogsResponse {
   chunk: LogChunk | undefined;
+}
+
+export interface MigrateCapsuleRequest {
+  /** Id or name. */
+  capsule: string;
+  /** Name of a configured peer (see ListPeers). */
+  targetPeer: string;
+  options: MigrationOptions | undefined;
+}
+
+export interface MigrateCapsuleResponse {
+  kind: { $case: "progress"; value: MigrationProgress } | //
+  /** The last message: the capsule runs on the target. */
+  { $case: "result"; value: MigrationResult } | undefined;
+}
+
+export interface CancelMigrationRequest {
+  /** Id or name. */
+  capsule: string;
+}
+
+export interface CancelMigrationResponse {
+  /** The migration that was cancelled. */
+  migrationId: string;
 }
 
 function createBasePortMapping(): PortMapping {
@@ -3765,6 +3815,7 @@ function createBaseEvent(): Event {
     log: undefined,
     exit: undefined,
     mapping: undefined,
+    migration: undefined,
   };
 }
 
@@ -3805,6 +3856,9 @@ export const Event: MessageFns<Event> = {
     }
     if (message.mapping !== undefined) {
       PortMapping.encode(message.mapping, writer.uint32(98).fork()).join();
+    }
+    if (message.migration !== undefined) {
+      MigrationProgress.encode(message.migration, writer.uint32(106).fork()).join();
     }
     return writer;
   },
@@ -3918,6 +3972,14 @@ export const Event: MessageFns<Event> = {
             message.mapping = PortMapping.decode(reader, reader.uint32());
             continue;
           }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.migration = MigrationProgress.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3956,6 +4018,7 @@ export const Event: MessageFns<Event> = {
       log: isSet(object.log) ? LogChunk.fromJSON(object.log) : undefined,
       exit: isSet(object.exit) ? ExitStatus.fromJSON(object.exit) : undefined,
       mapping: isSet(object.mapping) ? PortMapping.fromJSON(object.mapping) : undefined,
+      migration: isSet(object.migration) ? MigrationProgress.fromJSON(object.migration) : undefined,
     };
   },
 
@@ -3997,6 +4060,9 @@ export const Event: MessageFns<Event> = {
     if (message.mapping !== undefined) {
       obj.mapping = PortMapping.toJSON(message.mapping);
     }
+    if (message.migration !== undefined) {
+      obj.migration = MigrationProgress.toJSON(message.migration);
+    }
     return obj;
   },
 
@@ -4022,6 +4088,9 @@ export const Event: MessageFns<Event> = {
       : undefined;
     message.mapping = (object.mapping !== undefined && object.mapping !== null)
       ? PortMapping.fromPartial(object.mapping)
+      : undefined;
+    message.migration = (object.migration !== undefined && object.migration !== null)
+      ? MigrationProgress.fromPartial(object.migration)
       : undefined;
     return message;
   },
@@ -4373,6 +4442,354 @@ export const StreamLogsResponse: MessageFns<StreamLogsResponse> = {
   },
 };
 
+function createBaseMigrateCapsuleRequest(): MigrateCapsuleRequest {
+  return { capsule: "", targetPeer: "", options: undefined };
+}
+
+export const MigrateCapsuleRequest: MessageFns<MigrateCapsuleRequest> = {
+  encode(message: MigrateCapsuleRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.capsule !== "") {
+      writer.uint32(10).string(message.capsule);
+    }
+    if (message.targetPeer !== "") {
+      writer.uint32(18).string(message.targetPeer);
+    }
+    if (message.options !== undefined) {
+      MigrationOptions.encode(message.options, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MigrateCapsuleRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMigrateCapsuleRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.capsule = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.targetPeer = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.options = MigrationOptions.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MigrateCapsuleRequest {
+    return {
+      capsule: isSet(object.capsule) ? globalThis.String(object.capsule) : "",
+      targetPeer: isSet(object.targetPeer)
+        ? globalThis.String(object.targetPeer)
+        : isSet(object.target_peer)
+        ? globalThis.String(object.target_peer)
+        : "",
+      options: isSet(object.options) ? MigrationOptions.fromJSON(object.options) : undefined,
+    };
+  },
+
+  toJSON(message: MigrateCapsuleRequest): unknown {
+    const obj: any = {};
+    if (message.capsule !== "") {
+      obj.capsule = message.capsule;
+    }
+    if (message.targetPeer !== "") {
+      obj.targetPeer = message.targetPeer;
+    }
+    if (message.options !== undefined) {
+      obj.options = MigrationOptions.toJSON(message.options);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<MigrateCapsuleRequest>, I>>(base?: I): MigrateCapsuleRequest {
+    return MigrateCapsuleRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<MigrateCapsuleRequest>, I>>(object: I): MigrateCapsuleRequest {
+    const message = createBaseMigrateCapsuleRequest();
+    message.capsule = object.capsule ?? "";
+    message.targetPeer = object.targetPeer ?? "";
+    message.options = (object.options !== undefined && object.options !== null)
+      ? MigrationOptions.fromPartial(object.options)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseMigrateCapsuleResponse(): MigrateCapsuleResponse {
+  return { kind: undefined };
+}
+
+export const MigrateCapsuleResponse: MessageFns<MigrateCapsuleResponse> = {
+  encode(message: MigrateCapsuleResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.kind?.$case) {
+      case "progress":
+        MigrationProgress.encode(message.kind.value, writer.uint32(10).fork()).join();
+        break;
+      case "result":
+        MigrationResult.encode(message.kind.value, writer.uint32(18).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): MigrateCapsuleResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseMigrateCapsuleResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.kind = { $case: "progress", value: MigrationProgress.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.kind = { $case: "result", value: MigrationResult.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): MigrateCapsuleResponse {
+    return {
+      kind: isSet(object.progress)
+        ? { $case: "progress", value: MigrationProgress.fromJSON(object.progress) }
+        : isSet(object.result)
+        ? { $case: "result", value: MigrationResult.fromJSON(object.result) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: MigrateCapsuleResponse): unknown {
+    const obj: any = {};
+    if (message.kind?.$case === "progress") {
+      obj.progress = MigrationProgress.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "result") {
+      obj.result = MigrationResult.toJSON(message.kind.value);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<MigrateCapsuleResponse>, I>>(base?: I): MigrateCapsuleResponse {
+    return MigrateCapsuleResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<MigrateCapsuleResponse>, I>>(object: I): MigrateCapsuleResponse {
+    const message = createBaseMigrateCapsuleResponse();
+    switch (object.kind?.$case) {
+      case "progress": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "progress", value: MigrationProgress.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+      case "result": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "result", value: MigrationResult.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseCancelMigrationRequest(): CancelMigrationRequest {
+  return { capsule: "" };
+}
+
+export const CancelMigrationRequest: MessageFns<CancelMigrationRequest> = {
+  encode(message: CancelMigrationRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.capsule !== "") {
+      writer.uint32(10).string(message.capsule);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CancelMigrationRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCancelMigrationRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.capsule = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CancelMigrationRequest {
+    return { capsule: isSet(object.capsule) ? globalThis.String(object.capsule) : "" };
+  },
+
+  toJSON(message: CancelMigrationRequest): unknown {
+    const obj: any = {};
+    if (message.capsule !== "") {
+      obj.capsule = message.capsule;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CancelMigrationRequest>, I>>(base?: I): CancelMigrationRequest {
+    return CancelMigrationRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CancelMigrationRequest>, I>>(object: I): CancelMigrationRequest {
+    const message = createBaseCancelMigrationRequest();
+    message.capsule = object.capsule ?? "";
+    return message;
+  },
+};
+
+function createBaseCancelMigrationResponse(): CancelMigrationResponse {
+  return { migrationId: "" };
+}
+
+export const CancelMigrationResponse: MessageFns<CancelMigrationResponse> = {
+  encode(message: CancelMigrationResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.migrationId !== "") {
+      writer.uint32(10).string(message.migrationId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CancelMigrationResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCancelMigrationResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.migrationId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CancelMigrationResponse {
+    return {
+      migrationId: isSet(object.migrationId)
+        ? globalThis.String(object.migrationId)
+        : isSet(object.migration_id)
+        ? globalThis.String(object.migration_id)
+        : "",
+    };
+  },
+
+  toJSON(message: CancelMigrationResponse): unknown {
+    const obj: any = {};
+    if (message.migrationId !== "") {
+      obj.migrationId = message.migrationId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CancelMigrationResponse>, I>>(base?: I): CancelMigrationResponse {
+    return CancelMigrationResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CancelMigrationResponse>, I>>(object: I): CancelMigrationResponse {
+    const message = createBaseCancelMigrationResponse();
+    message.migrationId = object.migrationId ?? "";
+    return message;
+  },
+};
+
 /**
  * CapsuleService manages the lifecycle of capsules on one agent.
  *
@@ -4520,6 +4937,34 @@ export const CapsuleServiceService = {
     responseSerialize: (value: StreamLogsResponse): Buffer => Buffer.from(StreamLogsResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): StreamLogsResponse => StreamLogsResponse.decode(value),
   },
+  /**
+   * Live-migrates a running capsule to a peer agent. Streams progress and ends with the
+   * result once the capsule runs on the peer; on failure the capsule runs here, untouched,
+   * and the call ends with an error status.
+   */
+  migrateCapsule: {
+    path: "/flexcap.v1.CapsuleService/MigrateCapsule" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: MigrateCapsuleRequest): Buffer =>
+      Buffer.from(MigrateCapsuleRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): MigrateCapsuleRequest => MigrateCapsuleRequest.decode(value),
+    responseSerialize: (value: MigrateCapsuleResponse): Buffer =>
+      Buffer.from(MigrateCapsuleResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): MigrateCapsuleResponse => MigrateCapsuleResponse.decode(value),
+  },
+  /** Cancels a migration before its switchover; the capsule keeps running here. */
+  cancelMigration: {
+    path: "/flexcap.v1.CapsuleService/CancelMigration" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CancelMigrationRequest): Buffer =>
+      Buffer.from(CancelMigrationRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CancelMigrationRequest => CancelMigrationRequest.decode(value),
+    responseSerialize: (value: CancelMigrationResponse): Buffer =>
+      Buffer.from(CancelMigrationResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): CancelMigrationResponse => CancelMigrationResponse.decode(value),
+  },
 } as const;
 
 export interface CapsuleServiceServer extends UntypedServiceImplementation {
@@ -4549,6 +4994,14 @@ export interface CapsuleServiceServer extends UntypedServiceImplementation {
   streamConsole: handleServerStreamingCall<StreamConsoleRequest, StreamConsoleResponse>;
   /** Streams the app's stdout and stderr as capsule-init forwarded them. */
   streamLogs: handleServerStreamingCall<StreamLogsRequest, StreamLogsResponse>;
+  /**
+   * Live-migrates a running capsule to a peer agent. Streams progress and ends with the
+   * result once the capsule runs on the peer; on failure the capsule runs here, untouched,
+   * and the call ends with an error status.
+   */
+  migrateCapsule: handleServerStreamingCall<MigrateCapsuleRequest, MigrateCapsuleResponse>;
+  /** Cancels a migration before its switchover; the capsule keeps running here. */
+  cancelMigration: handleUnaryCall<CancelMigrationRequest, CancelMigrationResponse>;
 }
 
 export interface CapsuleServiceClient extends Client {
@@ -4736,6 +5189,36 @@ export interface CapsuleServiceClient extends Client {
     metadata?: Metadata,
     options?: Partial<CallOptions>,
   ): ClientReadableStream<StreamLogsResponse>;
+  /**
+   * Live-migrates a running capsule to a peer agent. Streams progress and ends with the
+   * result once the capsule runs on the peer; on failure the capsule runs here, untouched,
+   * and the call ends with an error status.
+   */
+  migrateCapsule(
+    request: MigrateCapsuleRequest,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<MigrateCapsuleResponse>;
+  migrateCapsule(
+    request: MigrateCapsuleRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<MigrateCapsuleResponse>;
+  /** Cancels a migration before its switchover; the capsule keeps running here. */
+  cancelMigration(
+    request: CancelMigrationRequest,
+    callback: (error: ServiceError | null, response: CancelMigrationResponse) => void,
+  ): ClientUnaryCall;
+  cancelMigration(
+    request: CancelMigrationRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: CancelMigrationResponse) => void,
+  ): ClientUnaryCall;
+  cancelMigration(
+    request: CancelMigrationRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: CancelMigrationResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const CapsuleServiceClient = makeGenericClientConstructor(

@@ -12,16 +12,73 @@ import {
   Client,
   type ClientOptions,
   type ClientUnaryCall,
+  type ClientWritableStream,
+  type handleClientStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
   type Metadata,
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
+import { Timestamp } from "../../google/protobuf/timestamp.ts";
+import { CapsuleSpec, ListenPort, PortMapping } from "./capsule.ts";
+import { MigrationOptions } from "./migration.ts";
 
 export const protobufPackage = "flexcap.v1";
 
 export const protobufFileName = "flexcap/v1/peer.proto";
+
+/** An incoming migration's outcome on the target. */
+export enum IncomingOutcome {
+  INCOMING_OUTCOME_UNSPECIFIED = 0,
+  /** INCOMING_OUTCOME_PENDING - Still loading: the guest has not run here yet. */
+  INCOMING_OUTCOME_PENDING = 1,
+  /** INCOMING_OUTCOME_RUNNING - The guest runs here; the source must end its copy. */
+  INCOMING_OUTCOME_RUNNING = 2,
+  /**
+   * INCOMING_OUTCOME_ABORTED - Dropped before it ran here, or its QEMU died before the source let go; the source
+   * may resume its copy.
+   */
+  INCOMING_OUTCOME_ABORTED = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function incomingOutcomeFromJSON(object: any): IncomingOutcome {
+  switch (object) {
+    case 0:
+    case "INCOMING_OUTCOME_UNSPECIFIED":
+      return IncomingOutcome.INCOMING_OUTCOME_UNSPECIFIED;
+    case 1:
+    case "INCOMING_OUTCOME_PENDING":
+      return IncomingOutcome.INCOMING_OUTCOME_PENDING;
+    case 2:
+    case "INCOMING_OUTCOME_RUNNING":
+      return IncomingOutcome.INCOMING_OUTCOME_RUNNING;
+    case 3:
+    case "INCOMING_OUTCOME_ABORTED":
+      return IncomingOutcome.INCOMING_OUTCOME_ABORTED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return IncomingOutcome.UNRECOGNIZED;
+  }
+}
+
+export function incomingOutcomeToJSON(object: IncomingOutcome): string {
+  switch (object) {
+    case IncomingOutcome.INCOMING_OUTCOME_UNSPECIFIED:
+      return "INCOMING_OUTCOME_UNSPECIFIED";
+    case IncomingOutcome.INCOMING_OUTCOME_PENDING:
+      return "INCOMING_OUTCOME_PENDING";
+    case IncomingOutcome.INCOMING_OUTCOME_RUNNING:
+      return "INCOMING_OUTCOME_RUNNING";
+    case IncomingOutcome.INCOMING_OUTCOME_ABORTED:
+      return "INCOMING_OUTCOME_ABORTED";
+    case IncomingOutcome.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
 
 export interface GetPeerInfoRequest {
 }
@@ -48,6 +105,110 @@ export interface PeerInfo {
   memoryFreeMib: number;
   /** Number of capsules, any state. */
   capsules: number;
+}
+
+export interface CheckImageRequest {
+  /** "sha256:…" */
+  imageId: string;
+}
+
+export interface CheckImageResponse {
+  /** True when the manifest and every blob are here. */
+  present: boolean;
+  /** sha256 hex digests of blobs this agent lacks. */
+  missingBlobs: string[];
+}
+
+/** One message of an image push: first the header, then blob chunks in order. */
+export interface PushImageRequest {
+  kind: { $case: "header"; value: PushImageHeader } | { $case: "chunk"; value: BlobChunk } | undefined;
+}
+
+export interface PushImageHeader {
+  /** "sha256:…" of the manifest. */
+  imageId: string;
+  /** The image's name on the sender; tagged here unless the name is taken. */
+  name: string;
+  /** The canonical manifest JSON. */
+  manifestJson: Buffer;
+}
+
+/** A piece of one blob; a blob's chunks arrive in order, the last one with `last`. */
+export interface BlobChunk {
+  /** sha256 hex of the whole blob. */
+  digest: string;
+  data: Buffer;
+  last: boolean;
+}
+
+export interface PushImageResponse {
+  /** Blobs stored by this push. */
+  blobsStored: number;
+  bytesStored: number;
+}
+
+/** The capsule as the target must recreate it. */
+export interface IncomingCapsule {
+  id: string;
+  name: string;
+  imageId: string;
+  spec:
+    | CapsuleSpec
+    | undefined;
+  /** The capsule keeps its address and MAC. */
+  ip: string;
+  prefix: number;
+  mac: string;
+  /** Its host ports on the source; fixed ports (spec host_port ≠ 0) must be free here. */
+  hostPorts: PortMapping[];
+  /** What the app listens on now, so the target can stage the exposure. */
+  listening: ListenPort[];
+  /** The guest was paused (not running) when the migration began. */
+  paused: boolean;
+}
+
+export interface PrepareIncomingRequest {
+  /** Chosen by the source; the key of every later call about this migration. */
+  migrationId: string;
+  capsule: IncomingCapsule | undefined;
+  options: MigrationOptions | undefined;
+}
+
+export interface PrepareIncomingResponse {
+  /** Present on the data connection (see docs/migration.md); valid once, for this migration. */
+  token: string;
+  /** TCP port of the data listener (TLS, same certificate as PeerService). */
+  dataPort: number;
+  /** The capsule's host ports here. */
+  hostPorts: PortMapping[];
+}
+
+export interface CommitIncomingRequest {
+  migrationId: string;
+  /** How long to wait for an outcome other than PENDING; 0 answers at once. */
+  waitMs: number;
+  /** The source has ended its copy: the target forgets the migration and owns the capsule. */
+  released: boolean;
+}
+
+export interface CommitIncomingResponse {
+  outcome: IncomingOutcome;
+  /** When the guest resumed here (RUNNING). */
+  resumedAt:
+    | Date
+    | undefined;
+  /** Why, for ABORTED. */
+  message: string;
+}
+
+export interface AbortIncomingRequest {
+  migrationId: string;
+  /** Logged on the target. */
+  reason: string;
+}
+
+export interface AbortIncomingResponse {
+  outcome: IncomingOutcome;
 }
 
 function createBaseGetPeerInfoRequest(): GetPeerInfoRequest {
@@ -375,6 +536,1396 @@ export const PeerInfo: MessageFns<PeerInfo> = {
   },
 };
 
+function createBaseCheckImageRequest(): CheckImageRequest {
+  return { imageId: "" };
+}
+
+export const CheckImageRequest: MessageFns<CheckImageRequest> = {
+  encode(message: CheckImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.imageId !== "") {
+      writer.uint32(10).string(message.imageId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CheckImageRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCheckImageRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.imageId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CheckImageRequest {
+    return {
+      imageId: isSet(object.imageId)
+        ? globalThis.String(object.imageId)
+        : isSet(object.image_id)
+        ? globalThis.String(object.image_id)
+        : "",
+    };
+  },
+
+  toJSON(message: CheckImageRequest): unknown {
+    const obj: any = {};
+    if (message.imageId !== "") {
+      obj.imageId = message.imageId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CheckImageRequest>, I>>(base?: I): CheckImageRequest {
+    return CheckImageRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CheckImageRequest>, I>>(object: I): CheckImageRequest {
+    const message = createBaseCheckImageRequest();
+    message.imageId = object.imageId ?? "";
+    return message;
+  },
+};
+
+function createBaseCheckImageResponse(): CheckImageResponse {
+  return { present: false, missingBlobs: [] };
+}
+
+export const CheckImageResponse: MessageFns<CheckImageResponse> = {
+  encode(message: CheckImageResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.present !== false) {
+      writer.uint32(8).bool(message.present);
+    }
+    for (const v of message.missingBlobs) {
+      writer.uint32(18).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CheckImageResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCheckImageResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.present = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.missingBlobs.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CheckImageResponse {
+    return {
+      present: isSet(object.present) ? globalThis.Boolean(object.present) : false,
+      missingBlobs: globalThis.Array.isArray(object?.missingBlobs)
+        ? object.missingBlobs.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.missing_blobs)
+        ? object.missing_blobs.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: CheckImageResponse): unknown {
+    const obj: any = {};
+    if (message.present !== false) {
+      obj.present = message.present;
+    }
+    if (message.missingBlobs?.length) {
+      obj.missingBlobs = message.missingBlobs;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CheckImageResponse>, I>>(base?: I): CheckImageResponse {
+    return CheckImageResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CheckImageResponse>, I>>(object: I): CheckImageResponse {
+    const message = createBaseCheckImageResponse();
+    message.present = object.present ?? false;
+    message.missingBlobs = object.missingBlobs?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBasePushImageRequest(): PushImageRequest {
+  return { kind: undefined };
+}
+
+export const PushImageRequest: MessageFns<PushImageRequest> = {
+  encode(message: PushImageRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.kind?.$case) {
+      case "header":
+        PushImageHeader.encode(message.kind.value, writer.uint32(10).fork()).join();
+        break;
+      case "chunk":
+        BlobChunk.encode(message.kind.value, writer.uint32(18).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PushImageRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePushImageRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.kind = { $case: "header", value: PushImageHeader.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.kind = { $case: "chunk", value: BlobChunk.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PushImageRequest {
+    return {
+      kind: isSet(object.header)
+        ? { $case: "header", value: PushImageHeader.fromJSON(object.header) }
+        : isSet(object.chunk)
+        ? { $case: "chunk", value: BlobChunk.fromJSON(object.chunk) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: PushImageRequest): unknown {
+    const obj: any = {};
+    if (message.kind?.$case === "header") {
+      obj.header = PushImageHeader.toJSON(message.kind.value);
+    } else if (message.kind?.$case === "chunk") {
+      obj.chunk = BlobChunk.toJSON(message.kind.value);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<PushImageRequest>, I>>(base?: I): PushImageRequest {
+    return PushImageRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PushImageRequest>, I>>(object: I): PushImageRequest {
+    const message = createBasePushImageRequest();
+    switch (object.kind?.$case) {
+      case "header": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "header", value: PushImageHeader.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+      case "chunk": {
+        if (object.kind?.value !== undefined && object.kind?.value !== null) {
+          message.kind = { $case: "chunk", value: BlobChunk.fromPartial(object.kind.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBasePushImageHeader(): PushImageHeader {
+  return { imageId: "", name: "", manifestJson: Buffer.alloc(0) };
+}
+
+export const PushImageHeader: MessageFns<PushImageHeader> = {
+  encode(message: PushImageHeader, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.imageId !== "") {
+      writer.uint32(10).string(message.imageId);
+    }
+    if (message.name !== "") {
+      writer.uint32(18).string(message.name);
+    }
+    if (message.manifestJson.length !== 0) {
+      writer.uint32(26).bytes(message.manifestJson);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PushImageHeader {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePushImageHeader();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.imageId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.manifestJson = Buffer.from(reader.bytes());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PushImageHeader {
+    return {
+      imageId: isSet(object.imageId)
+        ? globalThis.String(object.imageId)
+        : isSet(object.image_id)
+        ? globalThis.String(object.image_id)
+        : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      manifestJson: isSet(object.manifestJson)
+        ? Buffer.from(bytesFromBase64(object.manifestJson))
+        : isSet(object.manifest_json)
+        ? Buffer.from(bytesFromBase64(object.manifest_json))
+        : Buffer.alloc(0),
+    };
+  },
+
+  toJSON(message: PushImageHeader): unknown {
+    const obj: any = {};
+    if (message.imageId !== "") {
+      obj.imageId = message.imageId;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.manifestJson.length !== 0) {
+      obj.manifestJson = base64FromBytes(message.manifestJson);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<PushImageHeader>, I>>(base?: I): PushImageHeader {
+    return PushImageHeader.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PushImageHeader>, I>>(object: I): PushImageHeader {
+    const message = createBasePushImageHeader();
+    message.imageId = object.imageId ?? "";
+    message.name = object.name ?? "";
+    message.manifestJson = object.manifestJson ?? Buffer.alloc(0);
+    return message;
+  },
+};
+
+function createBaseBlobChunk(): BlobChunk {
+  return { digest: "", data: Buffer.alloc(0), last: false };
+}
+
+export const BlobChunk: MessageFns<BlobChunk> = {
+  encode(message: BlobChunk, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.digest !== "") {
+      writer.uint32(10).string(message.digest);
+    }
+    if (message.data.length !== 0) {
+      writer.uint32(18).bytes(message.data);
+    }
+    if (message.last !== false) {
+      writer.uint32(24).bool(message.last);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): BlobChunk {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseBlobChunk();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.digest = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.data = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.last = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): BlobChunk {
+    return {
+      digest: isSet(object.digest) ? globalThis.String(object.digest) : "",
+      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      last: isSet(object.last) ? globalThis.Boolean(object.last) : false,
+    };
+  },
+
+  toJSON(message: BlobChunk): unknown {
+    const obj: any = {};
+    if (message.digest !== "") {
+      obj.digest = message.digest;
+    }
+    if (message.data.length !== 0) {
+      obj.data = base64FromBytes(message.data);
+    }
+    if (message.last !== false) {
+      obj.last = message.last;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<BlobChunk>, I>>(base?: I): BlobChunk {
+    return BlobChunk.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<BlobChunk>, I>>(object: I): BlobChunk {
+    const message = createBaseBlobChunk();
+    message.digest = object.digest ?? "";
+    message.data = object.data ?? Buffer.alloc(0);
+    message.last = object.last ?? false;
+    return message;
+  },
+};
+
+function createBasePushImageResponse(): PushImageResponse {
+  return { blobsStored: 0, bytesStored: 0 };
+}
+
+export const PushImageResponse: MessageFns<PushImageResponse> = {
+  encode(message: PushImageResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.blobsStored !== 0) {
+      writer.uint32(8).uint32(message.blobsStored);
+    }
+    if (message.bytesStored !== 0) {
+      writer.uint32(16).uint64(message.bytesStored);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PushImageResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePushImageResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.blobsStored = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.bytesStored = longToNumber(reader.uint64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PushImageResponse {
+    return {
+      blobsStored: isSet(object.blobsStored)
+        ? globalThis.Number(object.blobsStored)
+        : isSet(object.blobs_stored)
+        ? globalThis.Number(object.blobs_stored)
+        : 0,
+      bytesStored: isSet(object.bytesStored)
+        ? globalThis.Number(object.bytesStored)
+        : isSet(object.bytes_stored)
+        ? globalThis.Number(object.bytes_stored)
+        : 0,
+    };
+  },
+
+  toJSON(message: PushImageResponse): unknown {
+    const obj: any = {};
+    if (message.blobsStored !== 0) {
+      obj.blobsStored = Math.round(message.blobsStored);
+    }
+    if (message.bytesStored !== 0) {
+      obj.bytesStored = Math.round(message.bytesStored);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<PushImageResponse>, I>>(base?: I): PushImageResponse {
+    return PushImageResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PushImageResponse>, I>>(object: I): PushImageResponse {
+    const message = createBasePushImageResponse();
+    message.blobsStored = object.blobsStored ?? 0;
+    message.bytesStored = object.bytesStored ?? 0;
+    return message;
+  },
+};
+
+function createBaseIncomingCapsule(): IncomingCapsule {
+  return {
+    id: "",
+    name: "",
+    imageId: "",
+    spec: undefined,
+    ip: "",
+    prefix: 0,
+    mac: "",
+    hostPorts: [],
+    listening: [],
+    paused: false,
+  };
+}
+
+export const IncomingCapsule: MessageFns<IncomingCapsule> = {
+  encode(message: IncomingCapsule, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.name !== "") {
+      writer.uint32(18).string(message.name);
+    }
+    if (message.imageId !== "") {
+      writer.uint32(26).string(message.imageId);
+    }
+    if (message.spec !== undefined) {
+      CapsuleSpec.encode(message.spec, writer.uint32(34).fork()).join();
+    }
+    if (message.ip !== "") {
+      writer.uint32(42).string(message.ip);
+    }
+    if (message.prefix !== 0) {
+      writer.uint32(48).uint32(message.prefix);
+    }
+    if (message.mac !== "") {
+      writer.uint32(58).string(message.mac);
+    }
+    for (const v of message.hostPorts) {
+      PortMapping.encode(v!, writer.uint32(66).fork()).join();
+    }
+    for (const v of message.listening) {
+      ListenPort.encode(v!, writer.uint32(74).fork()).join();
+    }
+    if (message.paused !== false) {
+      writer.uint32(80).bool(message.paused);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): IncomingCapsule {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseIncomingCapsule();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.imageId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.spec = CapsuleSpec.decode(reader, reader.uint32());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.ip = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.prefix = reader.uint32();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.mac = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.hostPorts.push(PortMapping.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.listening.push(ListenPort.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.paused = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): IncomingCapsule {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+      imageId: isSet(object.imageId)
+        ? globalThis.String(object.imageId)
+        : isSet(object.image_id)
+        ? globalThis.String(object.image_id)
+        : "",
+      spec: isSet(object.spec) ? CapsuleSpec.fromJSON(object.spec) : undefined,
+      ip: isSet(object.ip) ? globalThis.String(object.ip) : "",
+      prefix: isSet(object.prefix) ? globalThis.Number(object.prefix) : 0,
+      mac: isSet(object.mac) ? globalThis.String(object.mac) : "",
+      hostPorts: globalThis.Array.isArray(object?.hostPorts)
+        ? object.hostPorts.map((e: any) => PortMapping.fromJSON(e))
+        : globalThis.Array.isArray(object?.host_ports)
+        ? object.host_ports.map((e: any) => PortMapping.fromJSON(e))
+        : [],
+      listening: globalThis.Array.isArray(object?.listening)
+        ? object.listening.map((e: any) => ListenPort.fromJSON(e))
+        : [],
+      paused: isSet(object.paused) ? globalThis.Boolean(object.paused) : false,
+    };
+  },
+
+  toJSON(message: IncomingCapsule): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    if (message.imageId !== "") {
+      obj.imageId = message.imageId;
+    }
+    if (message.spec !== undefined) {
+      obj.spec = CapsuleSpec.toJSON(message.spec);
+    }
+    if (message.ip !== "") {
+      obj.ip = message.ip;
+    }
+    if (message.prefix !== 0) {
+      obj.prefix = Math.round(message.prefix);
+    }
+    if (message.mac !== "") {
+      obj.mac = message.mac;
+    }
+    if (message.hostPorts?.length) {
+      obj.hostPorts = message.hostPorts.map((e) => PortMapping.toJSON(e));
+    }
+    if (message.listening?.length) {
+      obj.listening = message.listening.map((e) => ListenPort.toJSON(e));
+    }
+    if (message.paused !== false) {
+      obj.paused = message.paused;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<IncomingCapsule>, I>>(base?: I): IncomingCapsule {
+    return IncomingCapsule.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<IncomingCapsule>, I>>(object: I): IncomingCapsule {
+    const message = createBaseIncomingCapsule();
+    message.id = object.id ?? "";
+    message.name = object.name ?? "";
+    message.imageId = object.imageId ?? "";
+    message.spec = (object.spec !== undefined && object.spec !== null)
+      ? CapsuleSpec.fromPartial(object.spec)
+      : undefined;
+    message.ip = object.ip ?? "";
+    message.prefix = object.prefix ?? 0;
+    message.mac = object.mac ?? "";
+    message.hostPorts = object.hostPorts?.map((e) => PortMapping.fromPartial(e)) || [];
+    message.listening = object.listening?.map((e) => ListenPort.fromPartial(e)) || [];
+    message.paused = object.paused ?? false;
+    return message;
+  },
+};
+
+function createBasePrepareIncomingRequest(): PrepareIncomingRequest {
+  return { migrationId: "", capsule: undefined, options: undefined };
+}
+
+export const PrepareIncomingRequest: MessageFns<PrepareIncomingRequest> = {
+  encode(message: PrepareIncomingRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.migrationId !== "") {
+      writer.uint32(10).string(message.migrationId);
+    }
+    if (message.capsule !== undefined) {
+      IncomingCapsule.encode(message.capsule, writer.uint32(18).fork()).join();
+    }
+    if (message.options !== undefined) {
+      MigrationOptions.encode(message.options, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PrepareIncomingRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePrepareIncomingRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.migrationId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.capsule = IncomingCapsule.decode(reader, reader.uint32());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.options = MigrationOptions.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PrepareIncomingRequest {
+    return {
+      migrationId: isSet(object.migrationId)
+        ? globalThis.String(object.migrationId)
+        : isSet(object.migration_id)
+        ? globalThis.String(object.migration_id)
+        : "",
+      capsule: isSet(object.capsule) ? IncomingCapsule.fromJSON(object.capsule) : undefined,
+      options: isSet(object.options) ? MigrationOptions.fromJSON(object.options) : undefined,
+    };
+  },
+
+  toJSON(message: PrepareIncomingRequest): unknown {
+    const obj: any = {};
+    if (message.migrationId !== "") {
+      obj.migrationId = message.migrationId;
+    }
+    if (message.capsule !== undefined) {
+      obj.capsule = IncomingCapsule.toJSON(message.capsule);
+    }
+    if (message.options !== undefined) {
+      obj.options = MigrationOptions.toJSON(message.options);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<PrepareIncomingRequest>, I>>(base?: I): PrepareIncomingRequest {
+    return PrepareIncomingRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PrepareIncomingRequest>, I>>(object: I): PrepareIncomingRequest {
+    const message = createBasePrepareIncomingRequest();
+    message.migrationId = object.migrationId ?? "";
+    message.capsule = (object.capsule !== undefined && object.capsule !== null)
+      ? IncomingCapsule.fromPartial(object.capsule)
+      : undefined;
+    message.options = (object.options !== undefined && object.options !== null)
+      ? MigrationOptions.fromPartial(object.options)
+      : undefined;
+    return message;
+  },
+};
+
+function createBasePrepareIncomingResponse(): PrepareIncomingResponse {
+  return { token: "", dataPort: 0, hostPorts: [] };
+}
+
+export const PrepareIncomingResponse: MessageFns<PrepareIncomingResponse> = {
+  encode(message: PrepareIncomingResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.token !== "") {
+      writer.uint32(10).string(message.token);
+    }
+    if (message.dataPort !== 0) {
+      writer.uint32(16).uint32(message.dataPort);
+    }
+    for (const v of message.hostPorts) {
+      PortMapping.encode(v!, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PrepareIncomingResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePrepareIncomingResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.token = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.dataPort = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.hostPorts.push(PortMapping.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PrepareIncomingResponse {
+    return {
+      token: isSet(object.token) ? globalThis.String(object.token) : "",
+      dataPort: isSet(object.dataPort)
+        ? globalThis.Number(object.dataPort)
+        : isSet(object.data_port)
+        ? globalThis.Number(object.data_port)
+        : 0,
+      hostPorts: globalThis.Array.isArray(object?.hostPorts)
+        ? object.hostPorts.map((e: any) => PortMapping.fromJSON(e))
+        : globalThis.Array.isArray(object?.host_ports)
+        ? object.host_ports.map((e: any) => PortMapping.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: PrepareIncomingResponse): unknown {
+    const obj: any = {};
+    if (message.token !== "") {
+      obj.token = message.token;
+    }
+    if (message.dataPort !== 0) {
+      obj.dataPort = Math.round(message.dataPort);
+    }
+    if (message.hostPorts?.length) {
+      obj.hostPorts = message.hostPorts.map((e) => PortMapping.toJSON(e));
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<PrepareIncomingResponse>, I>>(base?: I): PrepareIncomingResponse {
+    return PrepareIncomingResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PrepareIncomingResponse>, I>>(object: I): PrepareIncomingResponse {
+    const message = createBasePrepareIncomingResponse();
+    message.token = object.token ?? "";
+    message.dataPort = object.dataPort ?? 0;
+    message.hostPorts = object.hostPorts?.map((e) => PortMapping.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseCommitIncomingRequest(): CommitIncomingRequest {
+  return { migrationId: "", waitMs: 0, released: false };
+}
+
+export const CommitIncomingRequest: MessageFns<CommitIncomingRequest> = {
+  encode(message: CommitIncomingRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.migrationId !== "") {
+      writer.uint32(10).string(message.migrationId);
+    }
+    if (message.waitMs !== 0) {
+      writer.uint32(16).uint32(message.waitMs);
+    }
+    if (message.released !== false) {
+      writer.uint32(24).bool(message.released);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CommitIncomingRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCommitIncomingRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.migrationId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.waitMs = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.released = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CommitIncomingRequest {
+    return {
+      migrationId: isSet(object.migrationId)
+        ? globalThis.String(object.migrationId)
+        : isSet(object.migration_id)
+        ? globalThis.String(object.migration_id)
+        : "",
+      waitMs: isSet(object.waitMs)
+        ? globalThis.Number(object.waitMs)
+        : isSet(object.wait_ms)
+        ? globalThis.Number(object.wait_ms)
+        : 0,
+      released: isSet(object.released) ? globalThis.Boolean(object.released) : false,
+    };
+  },
+
+  toJSON(message: CommitIncomingRequest): unknown {
+    const obj: any = {};
+    if (message.migrationId !== "") {
+      obj.migrationId = message.migrationId;
+    }
+    if (message.waitMs !== 0) {
+      obj.waitMs = Math.round(message.waitMs);
+    }
+    if (message.released !== false) {
+      obj.released = message.released;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CommitIncomingRequest>, I>>(base?: I): CommitIncomingRequest {
+    return CommitIncomingRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CommitIncomingRequest>, I>>(object: I): CommitIncomingRequest {
+    const message = createBaseCommitIncomingRequest();
+    message.migrationId = object.migrationId ?? "";
+    message.waitMs = object.waitMs ?? 0;
+    message.released = object.released ?? false;
+    return message;
+  },
+};
+
+function createBaseCommitIncomingResponse(): CommitIncomingResponse {
+  return { outcome: 0, resumedAt: undefined, message: "" };
+}
+
+export const CommitIncomingResponse: MessageFns<CommitIncomingResponse> = {
+  encode(message: CommitIncomingResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.outcome !== 0) {
+      writer.uint32(8).int32(message.outcome);
+    }
+    if (message.resumedAt !== undefined) {
+      Timestamp.encode(toTimestamp(message.resumedAt), writer.uint32(18).fork()).join();
+    }
+    if (message.message !== "") {
+      writer.uint32(26).string(message.message);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CommitIncomingResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCommitIncomingResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.outcome = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.resumedAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.message = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CommitIncomingResponse {
+    return {
+      outcome: isSet(object.outcome) ? incomingOutcomeFromJSON(object.outcome) : 0,
+      resumedAt: isSet(object.resumedAt)
+        ? fromJsonTimestamp(object.resumedAt)
+        : isSet(object.resumed_at)
+        ? fromJsonTimestamp(object.resumed_at)
+        : undefined,
+      message: isSet(object.message) ? globalThis.String(object.message) : "",
+    };
+  },
+
+  toJSON(message: CommitIncomingResponse): unknown {
+    const obj: any = {};
+    if (message.outcome !== 0) {
+      obj.outcome = incomingOutcomeToJSON(message.outcome);
+    }
+    if (message.resumedAt !== undefined) {
+      obj.resumedAt = message.resumedAt.toISOString();
+    }
+    if (message.message !== "") {
+      obj.message = message.message;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CommitIncomingResponse>, I>>(base?: I): CommitIncomingResponse {
+    return CommitIncomingResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CommitIncomingResponse>, I>>(object: I): CommitIncomingResponse {
+    const message = createBaseCommitIncomingResponse();
+    message.outcome = object.outcome ?? 0;
+    message.resumedAt = object.resumedAt ?? undefined;
+    message.message = object.message ?? "";
+    return message;
+  },
+};
+
+function createBaseAbortIncomingRequest(): AbortIncomingRequest {
+  return { migrationId: "", reason: "" };
+}
+
+export const AbortIncomingRequest: MessageFns<AbortIncomingRequest> = {
+  encode(message: AbortIncomingRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.migrationId !== "") {
+      writer.uint32(10).string(message.migrationId);
+    }
+    if (message.reason !== "") {
+      writer.uint32(18).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AbortIncomingRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAbortIncomingRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.migrationId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AbortIncomingRequest {
+    return {
+      migrationId: isSet(object.migrationId)
+        ? globalThis.String(object.migrationId)
+        : isSet(object.migration_id)
+        ? globalThis.String(object.migration_id)
+        : "",
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+    };
+  },
+
+  toJSON(message: AbortIncomingRequest): unknown {
+    const obj: any = {};
+    if (message.migrationId !== "") {
+      obj.migrationId = message.migrationId;
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AbortIncomingRequest>, I>>(base?: I): AbortIncomingRequest {
+    return AbortIncomingRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AbortIncomingRequest>, I>>(object: I): AbortIncomingRequest {
+    const message = createBaseAbortIncomingRequest();
+    message.migrationId = object.migrationId ?? "";
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
+function createBaseAbortIncomingResponse(): AbortIncomingResponse {
+  return { outcome: 0 };
+}
+
+export const AbortIncomingResponse: MessageFns<AbortIncomingResponse> = {
+  encode(message: AbortIncomingResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.outcome !== 0) {
+      writer.uint32(8).int32(message.outcome);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): AbortIncomingResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseAbortIncomingResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.outcome = reader.int32() as any;
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): AbortIncomingResponse {
+    return { outcome: isSet(object.outcome) ? incomingOutcomeFromJSON(object.outcome) : 0 };
+  },
+
+  toJSON(message: AbortIncomingResponse): unknown {
+    const obj: any = {};
+    if (message.outcome !== 0) {
+      obj.outcome = incomingOutcomeToJSON(message.outcome);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<AbortIncomingResponse>, I>>(base?: I): AbortIncomingResponse {
+    return AbortIncomingResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<AbortIncomingResponse>, I>>(object: I): AbortIncomingResponse {
+    const message = createBaseAbortIncomingResponse();
+    message.outcome = object.outcome ?? 0;
+    return message;
+  },
+};
+
 /**
  * PeerService is how the agents of one cluster talk to each other. It is served on its
  * own listener with mutual TLS under the cluster CA: a caller must present a certificate
@@ -392,11 +1943,96 @@ export const PeerServiceService = {
     responseSerialize: (value: GetPeerInfoResponse): Buffer => Buffer.from(GetPeerInfoResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetPeerInfoResponse => GetPeerInfoResponse.decode(value),
   },
+  /** Says which of an image's blobs this agent lacks (all of them when it lacks the image). */
+  checkImage: {
+    path: "/flexcap.v1.PeerService/CheckImage" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CheckImageRequest): Buffer => Buffer.from(CheckImageRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CheckImageRequest => CheckImageRequest.decode(value),
+    responseSerialize: (value: CheckImageResponse): Buffer => Buffer.from(CheckImageResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): CheckImageResponse => CheckImageResponse.decode(value),
+  },
+  /**
+   * Sends an image: its manifest, then the blobs the receiver lacks. Content-addressed:
+   * every blob is verified by its sha256, the manifest by the image id.
+   */
+  pushImage: {
+    path: "/flexcap.v1.PeerService/PushImage" as const,
+    requestStream: true as const,
+    responseStream: false as const,
+    requestSerialize: (value: PushImageRequest): Buffer => Buffer.from(PushImageRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PushImageRequest => PushImageRequest.decode(value),
+    responseSerialize: (value: PushImageResponse): Buffer => Buffer.from(PushImageResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): PushImageResponse => PushImageResponse.decode(value),
+  },
+  /**
+   * Readies this agent to receive a capsule: reserves its memory, creates its tap with
+   * the same address and MAC, reserves and stages its host ports, starts a QEMU waiting
+   * for the memory stream, and issues a one-time token for the data connection.
+   */
+  prepareIncoming: {
+    path: "/flexcap.v1.PeerService/PrepareIncoming" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: PrepareIncomingRequest): Buffer =>
+      Buffer.from(PrepareIncomingRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PrepareIncomingRequest => PrepareIncomingRequest.decode(value),
+    responseSerialize: (value: PrepareIncomingResponse): Buffer =>
+      Buffer.from(PrepareIncomingResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): PrepareIncomingResponse => PrepareIncomingResponse.decode(value),
+  },
+  /**
+   * Waits until the incoming capsule runs here (or failed), up to wait_ms. The source
+   * ends its copy only after this reports RUNNING; it also asks this after a crash.
+   */
+  commitIncoming: {
+    path: "/flexcap.v1.PeerService/CommitIncoming" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CommitIncomingRequest): Buffer =>
+      Buffer.from(CommitIncomingRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CommitIncomingRequest => CommitIncomingRequest.decode(value),
+    responseSerialize: (value: CommitIncomingResponse): Buffer =>
+      Buffer.from(CommitIncomingResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): CommitIncomingResponse => CommitIncomingResponse.decode(value),
+  },
+  /** Drops an incoming capsule that has not run here yet. Refused once it has run. */
+  abortIncoming: {
+    path: "/flexcap.v1.PeerService/AbortIncoming" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: AbortIncomingRequest): Buffer => Buffer.from(AbortIncomingRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): AbortIncomingRequest => AbortIncomingRequest.decode(value),
+    responseSerialize: (value: AbortIncomingResponse): Buffer =>
+      Buffer.from(AbortIncomingResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): AbortIncomingResponse => AbortIncomingResponse.decode(value),
+  },
 } as const;
 
 export interface PeerServiceServer extends UntypedServiceImplementation {
   /** Describes this agent: identity, accelerator, CPU model, capacity and capsules. */
   getPeerInfo: handleUnaryCall<GetPeerInfoRequest, GetPeerInfoResponse>;
+  /** Says which of an image's blobs this agent lacks (all of them when it lacks the image). */
+  checkImage: handleUnaryCall<CheckImageRequest, CheckImageResponse>;
+  /**
+   * Sends an image: its manifest, then the blobs the receiver lacks. Content-addressed:
+   * every blob is verified by its sha256, the manifest by the image id.
+   */
+  pushImage: handleClientStreamingCall<PushImageRequest, PushImageResponse>;
+  /**
+   * Readies this agent to receive a capsule: reserves its memory, creates its tap with
+   * the same address and MAC, reserves and stages its host ports, starts a QEMU waiting
+   * for the memory stream, and issues a one-time token for the data connection.
+   */
+  prepareIncoming: handleUnaryCall<PrepareIncomingRequest, PrepareIncomingResponse>;
+  /**
+   * Waits until the incoming capsule runs here (or failed), up to wait_ms. The source
+   * ends its copy only after this reports RUNNING; it also asks this after a crash.
+   */
+  commitIncoming: handleUnaryCall<CommitIncomingRequest, CommitIncomingResponse>;
+  /** Drops an incoming capsule that has not run here yet. Refused once it has run. */
+  abortIncoming: handleUnaryCall<AbortIncomingRequest, AbortIncomingResponse>;
 }
 
 export interface PeerServiceClient extends Client {
@@ -416,6 +2052,97 @@ export interface PeerServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetPeerInfoResponse) => void,
   ): ClientUnaryCall;
+  /** Says which of an image's blobs this agent lacks (all of them when it lacks the image). */
+  checkImage(
+    request: CheckImageRequest,
+    callback: (error: ServiceError | null, response: CheckImageResponse) => void,
+  ): ClientUnaryCall;
+  checkImage(
+    request: CheckImageRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: CheckImageResponse) => void,
+  ): ClientUnaryCall;
+  checkImage(
+    request: CheckImageRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: CheckImageResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Sends an image: its manifest, then the blobs the receiver lacks. Content-addressed:
+   * every blob is verified by its sha256, the manifest by the image id.
+   */
+  pushImage(
+    callback: (error: ServiceError | null, response: PushImageResponse) => void,
+  ): ClientWritableStream<PushImageRequest>;
+  pushImage(
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: PushImageResponse) => void,
+  ): ClientWritableStream<PushImageRequest>;
+  pushImage(
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PushImageResponse) => void,
+  ): ClientWritableStream<PushImageRequest>;
+  pushImage(
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PushImageResponse) => void,
+  ): ClientWritableStream<PushImageRequest>;
+  /**
+   * Readies this agent to receive a capsule: reserves its memory, creates its tap with
+   * the same address and MAC, reserves and stages its host ports, starts a QEMU waiting
+   * for the memory stream, and issues a one-time token for the data connection.
+   */
+  prepareIncoming(
+    request: PrepareIncomingRequest,
+    callback: (error: ServiceError | null, response: PrepareIncomingResponse) => void,
+  ): ClientUnaryCall;
+  prepareIncoming(
+    request: PrepareIncomingRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: PrepareIncomingResponse) => void,
+  ): ClientUnaryCall;
+  prepareIncoming(
+    request: PrepareIncomingRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PrepareIncomingResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Waits until the incoming capsule runs here (or failed), up to wait_ms. The source
+   * ends its copy only after this reports RUNNING; it also asks this after a crash.
+   */
+  commitIncoming(
+    request: CommitIncomingRequest,
+    callback: (error: ServiceError | null, response: CommitIncomingResponse) => void,
+  ): ClientUnaryCall;
+  commitIncoming(
+    request: CommitIncomingRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: CommitIncomingResponse) => void,
+  ): ClientUnaryCall;
+  commitIncoming(
+    request: CommitIncomingRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: CommitIncomingResponse) => void,
+  ): ClientUnaryCall;
+  /** Drops an incoming capsule that has not run here yet. Refused once it has run. */
+  abortIncoming(
+    request: AbortIncomingRequest,
+    callback: (error: ServiceError | null, response: AbortIncomingResponse) => void,
+  ): ClientUnaryCall;
+  abortIncoming(
+    request: AbortIncomingRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: AbortIncomingResponse) => void,
+  ): ClientUnaryCall;
+  abortIncoming(
+    request: AbortIncomingRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: AbortIncomingResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const PeerServiceClient = makeGenericClientConstructor(
@@ -426,6 +2153,14 @@ export const PeerServiceClient = makeGenericClientConstructor(
   service: typeof PeerServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
 
@@ -439,6 +2174,28 @@ export type DeepPartial<T> = T extends Builtin ? T
 type KeysOfUnion<T> = T extends T ? keyof T : never;
 export type Exact<P, I extends P> = P extends Builtin ? P
   : P & { [K in keyof P]: Exact<P[K], I[K]> } & { [K in Exclude<keyof I, KeysOfUnion<P>>]: never };
+
+function toTimestamp(date: Date): Timestamp {
+  const seconds = Math.trunc(date.getTime() / 1_000);
+  const nanos = (date.getTime() % 1_000) * 1_000_000;
+  return { seconds, nanos };
+}
+
+function fromTimestamp(t: Timestamp): Date {
+  let millis = (t.seconds || 0) * 1_000;
+  millis += (t.nanos || 0) / 1_000_000;
+  return new globalThis.Date(millis);
+}
+
+function fromJsonTimestamp(o: any): Date {
+  if (o instanceof globalThis.Date) {
+    return o;
+  } else if (typeof o === "string") {
+    return new globalThis.Date(o);
+  } else {
+    return fromTimestamp(Timestamp.fromJSON(o));
+  }
+}
 
 function longToNumber(int64: { toString(): string }): number {
   const num = globalThis.Number(int64.toString());
