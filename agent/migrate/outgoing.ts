@@ -196,7 +196,7 @@ export class Departures {
         dirtySyncCount: stats.dirtySyncCount,
         remaining: stats.remaining,
         bytesPerS: stats.bytesPerS,
-      }, opts);
+      });
       if (!decision.go) throw new AbortedError(decision.reason);
       await failpoint("source-pre-switchover");
       this.#throwIfCancelled(active);

@@ -114,7 +114,6 @@ export interface SwitchoverStats {
 export function switchoverDecision(
   mode: MigrationMode,
   s: SwitchoverStats,
-  opts: MigrationOptions,
 ): { go: true; expectedMs: number } | { go: false; expectedMs: number; reason: string } {
   const expectedMs = s.bytesPerS > 0 ? Math.round((s.remaining / s.bytesPerS) * 1000) : 0;
   if (mode === "single-pass" && s.dirtySyncCount !== SINGLE_PASS_SYNCS) {
