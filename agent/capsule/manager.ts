@@ -597,14 +597,15 @@ export class CapsuleManager {
 
   // Removes an arriving capsule's record, rules and tap; its QEMU is already gone.
   async #dropArrival(rec: CapsuleRecord, why: string): Promise<void> {
+    // The outcome first: a source asking meanwhile must hear why, not "no such migration".
+    await this.deps.onArrivalDropped?.(rec, why).catch((err) =>
+      this.#log.error("could not journal a dropped arrival", { capsule: rec.id, error: err })
+    );
     this.#records.delete(rec.id);
     this.#exitCodes.delete(rec.id);
     this.#refused.delete(rec.id);
     await this.#appLogs.get(rec.id)?.close();
     this.#appLogs.delete(rec.id);
-    await this.deps.onArrivalDropped?.(rec, why).catch((err) =>
-      this.#log.error("could not journal a dropped arrival", { capsule: rec.id, error: err })
-    );
     await this.deps.store.remove(rec.id).catch(() => {});
     await this.deps.net.sync().catch((err) =>
       this.#log.warn("network sync after dropped arrival failed", { error: err })

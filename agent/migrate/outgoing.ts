@@ -60,6 +60,7 @@ const PROGRESS_EVERY_MS = 250;
 const QEMU_ACCEPT_MS = 10_000;
 const COMMIT_WAIT_MS = 30_000;
 const SETTLE_RETRY_MS = 2_000;
+const ABORT_ATTEMPTS = 90;
 
 /** What the source side is built from. */
 export interface DeparturesDeps {
@@ -318,7 +319,7 @@ export class Departures {
     if (mark.phase !== "switchover") {
       // migrate-continue was never sent: the target cannot have run the guest.
       if (vm) await this.#resumeHere(vm, log);
-      if (client) void abortOn(client, mark.id, "source restarted before switchover").catch(() => {});
+      if (client) void this.#abortTarget(client, mark.id, "source restarted before switchover", log);
       await this.d.manager.endOutgoing(rec.id, "migration interrupted by an agent restart; capsule kept here");
       log.info("interrupted migration rolled back", { phase: mark.phase });
       return;
@@ -430,9 +431,7 @@ export class Departures {
       if (outcome === "running") return; // it moved after all; released in settle()
     } else {
       await cancelMigration(vm.qmp).catch(() => {});
-      void abortOn(client, a.id, err.message).catch((e) =>
-        log.warn("could not tell the target to drop its arrival; it drops it when the stream ends", { error: e })
-      );
+      void this.#abortTarget(client, a.id, err.message, log);
     }
     await this.#resumeHere(vm, log);
     await this.d.forwards.remove(a.id);
@@ -441,6 +440,20 @@ export class Departures {
       `${cancelled ? "migration cancelled" : "migration failed"}: ${err.message}`,
     );
     report(cancelled ? "cancelled" : "failed", err.message);
+  }
+
+  // Tells the target to drop its arrival, retrying for a while (a cut link heals, a restarted peer returns).
+  async #abortTarget(client: PeerServiceClient, id: string, why: string, log: Logger): Promise<void> {
+    for (let attempt = 1; attempt <= ABORT_ATTEMPTS; attempt++) {
+      try {
+        await abortOn(client, id, why);
+        return;
+      } catch (err) {
+        if (attempt === 1) log.warn("could not tell the target to drop its arrival; retrying", { error: err });
+        await sleep(SETTLE_RETRY_MS);
+      }
+    }
+    log.error("gave up telling the target to drop its arrival; it drops it when its stream times out", { id });
   }
 
   // Waits for QEMU to leave migration and makes the guest run (unless it was paused before).
