@@ -4,6 +4,9 @@
  *   flexcap [--api ADDR] [--json] capsule create NAME --image IMG [--memory MIB] [--vcpus N]
  *           [--port HOST:GUEST[/udp]]… [--env K=V]… [--label K=V]… [-- ARGS…]
  *   flexcap capsule list|get|start|stop|delete|pause|resume|save|restore|logs [-f]|console [-f] NAME
+ *   flexcap capsule migrate NAME --to PEER [--max-bandwidth MIB_S] [--downtime-limit MS] [--timeout MS]
+ *           [--grace MS] [--auto-converge] [--allow-postcopy]
+ *   flexcap capsule cancel-migration NAME
  *   flexcap image build NAME --exec PATH [--kernel capsule|linux-vm] [--workdir DIR] [--file HOST[:GUEST]]…
  *           [--env K=V]… [--memory MIB] [--replace] [-- ARGS…]
  *   flexcap image measure NAME --port GUEST --expect TEXT [--send TEXT] [--low MIB] [--high MIB] [--attempts N]
@@ -17,7 +20,8 @@ import type { ServiceError } from "@grpc/grpc-js";
 import { status } from "@grpc/grpc-js";
 import { type Capsule, CapsuleState, type Event, EventType, LogStream, Protocol } from "../gen/flexcap/v1/capsule.ts";
 import { type Image, KernelKind } from "../gen/flexcap/v1/image.ts";
-import { connect, DEFAULT_API, type FlexcapClient } from "./client.ts";
+import { MigrationPhase } from "../gen/flexcap/v1/migration.ts";
+import { connect, DEFAULT_API, type FlexcapClient, migrate } from "./client.ts";
 import { enumName, json, mib, table } from "./format.ts";
 
 const USAGE = `usage: flexcap [--api ADDR] [--json] <noun> <verb> [args]
@@ -26,6 +30,9 @@ const USAGE = `usage: flexcap [--api ADDR] [--json] <noun> <verb> [args]
   capsule list [--label K=V]...
   capsule get|start|pause|resume|save|restore|delete NAME
   capsule stop NAME [--grace-ms MS]
+  capsule migrate NAME --to PEER [--max-bandwidth MIB_S] [--downtime-limit MS] [--timeout MS] [--grace MS]
+                   [--auto-converge] [--allow-postcopy]   live-migrate to a peer agent
+  capsule cancel-migration NAME
   capsule logs NAME [-f]       the app's stdout/stderr
   capsule console NAME [-f]    the guest's serial console
   image build NAME --exec PATH [--kernel capsule|linux-vm] [--workdir DIR] [--file HOST[:GUEST]]...
@@ -214,6 +221,61 @@ async function run(c: FlexcapClient, noun: string, verb: string | undefined, res
       }
       case "restore":
         return printCapsules([(await c.capsules.restoreCapsule({ capsule: name() })).capsule!], asJson);
+      case "migrate": {
+        const { values, positionals } = parseArgs({
+          args: rest,
+          allowPositionals: true,
+          options: {
+            to: { type: "string" },
+            "max-bandwidth": { type: "string" },
+            "downtime-limit": { type: "string" },
+            timeout: { type: "string" },
+            grace: { type: "string" },
+            "auto-converge": { type: "boolean" },
+            "allow-postcopy": { type: "boolean" },
+          },
+        });
+        if (!values.to) throw new UsageError("capsule migrate needs --to PEER");
+        const num = (v: string | undefined, flag: string) => {
+          if (v === undefined) return 0;
+          if (!/^\d+$/.test(v)) throw new UsageError(`${flag} expects a whole number, got "${v}"`);
+          return Number(v);
+        };
+        const result = await migrate(c, {
+          capsule: positionals[0] ?? name(),
+          targetPeer: values.to,
+          options: {
+            maxBandwidthMibS: num(values["max-bandwidth"], "--max-bandwidth"),
+            downtimeLimitMs: num(values["downtime-limit"], "--downtime-limit"),
+            timeoutMs: num(values.timeout, "--timeout"),
+            gracePeriodMs: num(values.grace, "--grace"),
+            autoConverge: Boolean(values["auto-converge"]),
+            allowPostcopy: Boolean(values["allow-postcopy"]),
+          },
+        }, (p) => {
+          if (!asJson) {
+            console.error(
+              `${enumName(MigrationPhase, p.phase, "MIGRATION_PHASE_").padEnd(10)} ${mib(p.bytesSent)} sent, ` +
+                `${mib(p.bytesRemaining)} left  ${p.message}`,
+            );
+          }
+        });
+        if (asJson) return console.log(json(result));
+        const ports = result.targetPorts.map((p) =>
+          `${result.targetAddress}:${p.hostPort}->${p.guestPort}/${p.protocol}`
+        );
+        console.log(
+          `migrated to ${result.targetPeer} in ${result.totalMs} ms (guest stopped ${result.gapMs} ms, ` +
+            `QEMU downtime ${result.downtimeMs} ms, ${mib(result.bytes)}, ${result.mode}); ports ${
+              ports.join(" ") || "none"
+            }`,
+        );
+        return;
+      }
+      case "cancel-migration": {
+        const r = await c.capsules.cancelMigration({ capsule: name() });
+        return asJson ? console.log(json(r)) : console.error(`cancelled ${r.migrationId}`);
+      }
       case "delete":
         await c.capsules.deleteCapsule({ capsule: name() });
         return asJson ? console.log("{}") : console.error(`deleted ${rest[0]}`);
