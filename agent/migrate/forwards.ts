@@ -28,6 +28,7 @@ const FileSchema = z.object({ version: z.literal(1), forwards: z.array(ForwardSc
 export class Forwards {
   #list: Forward[] = [];
   #timer?: ReturnType<typeof setTimeout>;
+  #closed = false;
   #path: string;
 
   /** `changed` re-applies the network (called after expiry removed entries). */
@@ -75,8 +76,9 @@ export class Forwards {
     if (this.#list.length !== before) await this.#save();
   }
 
-  /** Stops the expiry timer. */
+  /** Stops the expiry timer for good. */
   close(): void {
+    this.#closed = true;
     clearTimeout(this.#timer);
   }
 
@@ -86,7 +88,7 @@ export class Forwards {
 
   #schedule(): void {
     clearTimeout(this.#timer);
-    if (this.#list.length === 0) return;
+    if (this.#closed || this.#list.length === 0) return;
     const next = Math.min(...this.#list.map((f) => f.until));
     this.#timer = setTimeout(() => void this.#expire(), Math.max(0, next - Date.now()) + 10);
   }

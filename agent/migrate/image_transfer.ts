@@ -99,7 +99,13 @@ export async function receiveImage(
       if (msg.kind?.$case === "header") {
         if (header) throw new InvalidArgumentError("header", "sent twice");
         header = msg.kind.value;
-        const parsed = ManifestSchema.safeParse(JSON.parse(new TextDecoder().decode(header.manifestJson)));
+        let raw: unknown;
+        try {
+          raw = JSON.parse(new TextDecoder().decode(header.manifestJson));
+        } catch {
+          throw new InvalidArgumentError("header.manifest_json", "not JSON");
+        }
+        const parsed = ManifestSchema.safeParse(raw);
         if (!parsed.success) throw new InvalidArgumentError("header.manifest_json", parsed.error.issues[0].message);
         manifest = parsed.data;
         if (await manifestId(manifest) !== header.imageId) {

@@ -7,7 +7,7 @@ import { validate } from "../api/validate.ts";
 import type { PrepareIncomingRequest } from "../gen/flexcap/v1/peer.ts";
 import { type Arrival } from "./incoming.ts";
 import { type MigrationMode, resolveOptions } from "./policy.ts";
-import { MigrateCapsuleSchema } from "../api/validate.ts";
+import { CreateCapsuleSchema, MigrateCapsuleSchema } from "../api/validate.ts";
 
 const migrationId = z.string().regex(/^m-[0-9a-f]{12}$/, "expected m- and 12 hex digits");
 const digest = z.string().regex(/^sha256:[0-9a-f]{64}$/, 'expected "sha256:" and 64 hex digits');
@@ -32,22 +32,17 @@ const PrepareSchema = z.object({
     id: z.string().regex(/^c-[0-9a-f]{12}$/, "expected c- and 12 hex digits"),
     name: z.string().regex(/^[a-z][a-z0-9-]{0,62}$/, "expected a capsule name"),
     imageId: digest,
-    spec: z.object({
-      image: z.string().max(128),
+    // The API's own rules, with memory and vCPUs resolved (never 0) on the source.
+    spec: CreateCapsuleSchema.shape.spec.extend({
       memoryMib: z.number().int().min(1).max(1024 * 1024),
       vcpus: z.number().int().min(1).max(64),
-      args: z.array(z.string().max(4096)).max(256),
-      env: z.record(z.string().max(255), z.string().max(4096)),
-      labels: z.record(z.string().max(63), z.string().max(256)),
-      ports: z.array(port).max(64),
-      egressKbps: z.number().int().min(0).max(10_000_000),
-      allowFrom: z.array(z.string().max(128)).max(64),
-    }, { error: "required" }),
+    }),
     ip: z.string().regex(/^\d{1,3}(\.\d{1,3}){3}$/, "expected an IPv4 address"),
     prefix: z.number().int().min(8).max(30),
     mac: z.string().regex(/^[0-9a-f]{2}(:[0-9a-f]{2}){5}$/, "expected a lowercase MAC"),
     hostPorts: z.array(port).max(64),
-    listening: z.array(z.object({ port: z.number().int().min(1).max(65535), protocol: z.number().int() })).max(1024),
+    listening: z.array(z.object({ port: z.number().int().min(1).max(65535), protocol: z.number().int().min(0).max(2) }))
+      .max(1024),
     paused: z.boolean(),
   }, { error: "required" }).refine((c) => c.hostPorts.length === c.spec.ports.length, {
     path: ["hostPorts"],

@@ -99,15 +99,10 @@ export function sameToken(a: string, b: string): boolean {
 async function readHeader(conn: Deno.Conn): Promise<string> {
   const bytes: number[] = [];
   const one = new Uint8Array(1);
-  const deadline = setTimeout(() => conn.close(), HEADER_TIMEOUT_MS);
-  try {
-    while (bytes.length < HEADER_MAX) {
-      if (await conn.read(one) === null) break;
-      if (one[0] === 0x0a) return new TextDecoder().decode(new Uint8Array(bytes));
-      bytes.push(one[0]);
-    }
-  } finally {
-    clearTimeout(deadline);
+  while (bytes.length < HEADER_MAX) {
+    if (await conn.read(one) === null) break;
+    if (one[0] === 0x0a) return new TextDecoder().decode(new Uint8Array(bytes));
+    bytes.push(one[0]);
   }
   throw new UnavailableError("data connection sent no valid header");
 }
@@ -178,8 +173,16 @@ export class DataListener {
   }
 
   async #serve(conn: Deno.TlsConn): Promise<void> {
-    await conn.handshake();
-    const header = parseHeader(await readHeader(conn));
+    // One deadline for the handshake and the header: a silent client must not hold a connection.
+    const deadline = setTimeout(() => conn.close(), HEADER_TIMEOUT_MS);
+    let line: string;
+    try {
+      await conn.handshake();
+      line = await readHeader(conn);
+    } finally {
+      clearTimeout(deadline);
+    }
+    const header = parseHeader(line);
     const e = header && this.#expected.get(header.migrationId);
     if (!header || !e || !sameToken(e.token, header.token)) {
       throw new UnavailableError("data connection with an unknown migration or a wrong token");

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { applyBatch, compareTable, deleteTable, readTable } from "../../../agent/net/nft.ts";
-import { renderTable, type TableState } from "../../../agent/net/nft_render.ts";
+import { type Redirect, renderTable, rules, type TableState } from "../../../agent/net/nft_render.ts";
 import { netnsSupported } from "../../harness/netns.ts";
 
 const supported = await netnsSupported();
@@ -131,5 +131,65 @@ Deno.test({
       });
       await assert.rejects(() => applyBatch(bad, nft), /nft refused the flexcap table/);
       assert.deepEqual(compareTable(good, (await readTable(nft))!).differences, [], "the old table is intact");
+    }),
+});
+
+// Grace-period redirects of a moved capsule: old connections DNAT'ed to its address get a TCP reset.
+
+const moved = (capsuleIp?: string): Redirect[] => [
+  { hostPort: 9000, protocol: "tcp", toAddress: "172.31.1.11", toPort: 20001, comment: "c-cccc moved", capsuleIp },
+  { hostPort: 9053, protocol: "udp", toAddress: "172.31.1.11", toPort: 20002, comment: "c-cccc moved", capsuleIp },
+];
+const resetRule = (ip: string) => ({
+  family: "inet",
+  table: "flexcap",
+  chain: "forward",
+  expr: [
+    { match: { op: "==", left: { payload: { protocol: "ip", field: "daddr" } }, right: ip } },
+    { match: { op: "==", left: { meta: { key: "l4proto" } }, right: "tcp" } },
+    { reject: { type: "tcp reset" } },
+  ],
+  comment: "moved capsule: reset old connections",
+});
+const forwardRules = (s: TableState) => rules(s).filter((r) => r.chain === "forward");
+const hasReject = (r: Record<string, unknown>) => JSON.stringify(r.expr).includes('"reject"');
+
+Deno.test("nft render: a redirect with the moved capsule's address resets its old TCP connections, once per address", () => {
+  const s: TableState = { ...state([]), redirects: moved("10.200.0.9") };
+  const fwd = forwardRules(s);
+  assert.deepEqual(fwd.filter(hasReject), [resetRule("10.200.0.9")], "one rule for both redirects of the capsule");
+  // Before the jumps into the capsule chains, or established traffic would be accepted there first.
+  assert.ok(hasReject(fwd[0]));
+  assert.ok(fwd.slice(1).every((r) => !hasReject(r)));
+  // Two moved capsules: one rule each.
+  const two: TableState = {
+    ...state([]),
+    redirects: [...moved("10.200.0.9"), { ...moved("10.200.0.10")[0], hostPort: 9001 }],
+  };
+  assert.deepEqual(forwardRules(two).filter(hasReject), [resetRule("10.200.0.9"), resetRule("10.200.0.10")]);
+});
+
+Deno.test("nft render: no reset rule for a redirect without a capsule address, nor without redirects", () => {
+  for (const redirects of [moved(undefined), moved(""), []]) {
+    const s: TableState = { ...state([8080]), redirects };
+    assert.deepEqual(rules(s).filter(hasReject), [], JSON.stringify(redirects));
+    assert.ok(!JSON.stringify(renderTable(s)).includes("reject"));
+  }
+});
+
+Deno.test({
+  name: "nft: the kernel accepts the moved-capsule reset rule and compareTable reads it back without differences",
+  ignore: !supported,
+  fn: () =>
+    withNs(async (_ns, nft) => {
+      const batch = renderTable({ ...state([8080]), redirects: moved("10.200.0.9") });
+      await applyBatch(batch, nft);
+      const kernel = (await readTable(nft))!;
+      assert.deepEqual(compareTable(batch, kernel).differences, []);
+      const forward = kernel.filter((o) => (o.rule as { chain?: string } | undefined)?.chain === "forward");
+      assert.ok(forward.some((o) => JSON.stringify(o).includes('"reject"')), JSON.stringify(forward));
+      // And the comparison notices the rule missing.
+      const without = renderTable({ ...state([8080]), redirects: moved(undefined) });
+      assert.ok(compareTable(without, kernel).differences.some((l) => /chain "forward"/.test(l)));
     }),
 });
