@@ -111,7 +111,7 @@ Deno.test({
       const svc = files(bySymbol).filter((f) => f.package === "flexcap.v1").flatMap((f) => f.service)
         .find((s) => s.name === "CapsuleService");
       assert.ok(svc, `${version}: no file declares CapsuleService`);
-      assert.equal(svc.method.length, 13);
+      assert.equal(svc.method.length, 15);
       const create = svc.method.find((m) => m.name === "CreateCapsule");
       assert.equal(create?.inputType, ".flexcap.v1.CreateCapsuleRequest");
       assert.equal(create?.outputType, ".flexcap.v1.CreateCapsuleResponse");
@@ -140,10 +140,14 @@ export async function checkReflectionServesOriginalFiles(api: string): Promise<v
     ]);
     for (const r of [bySymbol, byFile, byField]) {
       assert.equal(r.error, undefined, `${version}: ${r.error?.message}`);
-      assert.deepEqual(files(r).map((f) => f.name), ["flexcap/v1/capsule.proto", "google/protobuf/timestamp.proto"]);
+      assert.deepEqual(files(r).map((f) => f.name).sort(), [
+        "flexcap/v1/capsule.proto",
+        "flexcap/v1/migration.proto",
+        "google/protobuf/timestamp.proto",
+      ]);
     }
     const [capsule, ...deps] = files(bySymbol);
-    assert.deepEqual(capsule.dependency, ["google/protobuf/timestamp.proto"]);
+    assert.deepEqual(capsule.dependency, ["flexcap/v1/migration.proto", "google/protobuf/timestamp.proto"]);
     assert.deepEqual(capsule.service.map((s) => s.name), ["CapsuleService"]);
     const registry = createFileRegistry(capsule, (name) => deps.find((d) => d.name === name));
     const svc = registry.getService("flexcap.v1.CapsuleService");

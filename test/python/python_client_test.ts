@@ -65,7 +65,7 @@ Deno.test({
     for (const e of json.invalid_argument) assert.equal(e.code, "INVALID_ARGUMENT");
     assert.deepEqual(json.health, { "(server)": "SERVING", "flexcap.v1.CapsuleService": "SERVING" });
     assert.ok(json.reflection_services.includes("flexcap.v1.CapsuleService"), String(json.reflection_services));
-    assert.equal(json.reflected_methods, 13);
+    assert.equal(json.reflected_methods, 15);
 
     // What Python created is what the TypeScript client sees.
     const c = (await agent.client.capsules.getCapsule({ capsule: json.capsule.id })).capsule!;
