@@ -31,8 +31,7 @@ import { encodeLaunchConfig, type LaunchHost, qemuSpec } from "./launch.ts";
 import { KeyedMutex } from "./lock.ts";
 import { assertTransition, type CapsuleStateName, QEMU_STATES, requireState } from "./states.ts";
 import type { CapsuleStore } from "./store.ts";
-import type { CapsuleRecord, CapsuleSpec, MigrationMark, PortMapping } from "./types.ts";
-import type { ArrivingNet } from "../net/network.ts";
+import type { ArrivingCapsule, CapsuleRecord, CapsuleSpec, MigrationMark, PortMapping } from "./types.ts";
 
 /** A capsule plus live figures, as returned to callers. */
 export interface CapsuleView {
@@ -476,15 +475,7 @@ export class CapsuleManager {
    * MAC, stages its exposure and launches a QEMU waiting for the memory stream.
    */
   admitIncoming(
-    input: {
-      id: string;
-      name: string;
-      imageId: string;
-      spec: CapsuleSpec;
-      net: ArrivingNet;
-      listening: GuestPort[];
-      paused: boolean;
-    },
+    input: ArrivingCapsule,
     mark: Pick<MigrationMark, "id" | "peer">,
   ): Promise<{ rec: CapsuleRecord; vm: QemuVm }> {
     return this.#lock.run(CREATE_LOCK, async () => {

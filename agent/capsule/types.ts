@@ -74,6 +74,20 @@ export interface MigrationMark {
   exposed?: PortMapping[];
 }
 
+/** A capsule arriving by live migration, as its source describes it. */
+export interface ArrivingCapsule {
+  id: string;
+  name: string;
+  imageId: string;
+  spec: CapsuleSpec;
+  /** Address, MAC and host ports at the source. */
+  net: { ip: string; prefix: number; mac: string; hostPorts: PortMapping[] };
+  /** What the app listens on now, so the target stages its exposure. */
+  listening: GuestPort[];
+  /** The guest was paused, not running, when the migration began. */
+  paused: boolean;
+}
+
 /** The persisted record of a capsule (capsules/<id>/capsule.json). */
 export interface CapsuleRecord {
   id: string;

@@ -10,12 +10,10 @@
  */
 import { join } from "node:path";
 import type { CapsuleManager } from "../capsule/manager.ts";
-import type { CapsuleSpec } from "../capsule/types.ts";
+import type { ArrivingCapsule, PortMapping } from "../capsule/types.ts";
 import { FailedPreconditionError } from "../errors.ts";
 import type { Logger } from "../log.ts";
-import type { GuestPort } from "../osserver/guest_messages.ts";
 import { announceSelf, queryMigrate, setCapabilities } from "../vmm/migration.ts";
-import type { ArrivingNet } from "../net/network.ts";
 import { failpoint } from "./failpoints.ts";
 import type { OutcomeStore } from "./outcomes.ts";
 import { capabilities, type MigrationMode } from "./policy.ts";
@@ -30,15 +28,7 @@ const GUEST_RECONNECT_MS = 3_000;
 /** A validated PrepareIncoming. */
 export interface Arrival {
   migrationId: string;
-  capsule: {
-    id: string;
-    name: string;
-    imageId: string;
-    spec: CapsuleSpec;
-    net: ArrivingNet;
-    listening: GuestPort[];
-    paused: boolean;
-  };
+  capsule: ArrivingCapsule;
   options: MigrationOptions;
 }
 
@@ -68,7 +58,7 @@ export class Arrivals {
   async prepare(
     a: Arrival,
     peer: string,
-  ): Promise<{ token: string; dataPort: number; hostPorts: ArrivingNet["hostPorts"] }> {
+  ): Promise<{ token: string; dataPort: number; hostPorts: PortMapping[] }> {
     const log = this.#log.with({ migration: a.migrationId, capsule: a.capsule.id, from: peer });
     const { rec, vm } = await this.m.admitIncoming(a.capsule, { id: a.migrationId, peer });
     const fail = async (why: string) => {

@@ -25,6 +25,7 @@ import {
   ResourceExhaustedError,
   UnavailableError,
 } from "../errors.ts";
+import { MigrationOptions as MigrationOptionsPb } from "../gen/flexcap/v1/migration.ts";
 import { IncomingOutcome, type PeerInfo, type PeerServiceClient } from "../gen/flexcap/v1/peer.ts";
 import { CapsuleSpec as PbSpec, Protocol as PbProtocol } from "../gen/flexcap/v1/capsule.ts";
 import type { ImageStore } from "../image/store.ts";
@@ -161,7 +162,7 @@ export class Departures {
           listening: (rec.listening ?? []).map((p) => ({ port: p.port, protocol: pbProtocol(p.protocol) })),
           paused: rec.migration!.resumeTo === "paused",
         },
-        options: wire ?? undefined,
+        options: wire ? MigrationOptionsPb.fromPartial(wire) : undefined,
       });
       const setupMs = performance.now() - t0;
       this.#throwIfCancelled(active);

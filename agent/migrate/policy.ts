@@ -14,6 +14,7 @@
  * Everywhere else: ordinary iterative pre-copy with the caller's downtime limit.
  */
 import { FailedPreconditionError } from "../errors.ts";
+import type { MigrationOptions as WireMigrationOptions } from "../gen/flexcap/v1/migration.ts";
 import type { MigrationOptions } from "./types.ts";
 
 export type MigrationMode = "single-pass" | "iterative";
@@ -45,35 +46,21 @@ export function chooseMode(qemuVersion: string, accelerator: "kvm" | "tcg"): { m
 
 /** Options with zero values replaced by defaults; refuses what the mode cannot do safely. */
 export function resolveOptions(
-  wire: {
-    maxBandwidthMibS: number;
-    downtimeLimitMs: number;
-    autoConverge: boolean;
-    allowPostcopy: boolean;
-    timeoutMs: number;
-    gracePeriodMs: number;
-  } | undefined,
+  wire: Partial<WireMigrationOptions> | undefined,
   mode: MigrationMode,
   defaultGraceMs: number,
 ): MigrationOptions {
-  const o = wire ?? {
-    maxBandwidthMibS: 0,
-    downtimeLimitMs: 0,
-    autoConverge: false,
-    allowPostcopy: false,
-    timeoutMs: 0,
-    gracePeriodMs: 0,
-  };
+  const o = wire ?? {};
   if (o.allowPostcopy && mode === "single-pass") {
     throw new FailedPreconditionError(
       "options.allow_postcopy: post-copy corrupts guests on this QEMU under tcg (fixed in QEMU 9.0, commit 03bfc2188f)",
     );
   }
   return {
-    maxBandwidthBytesS: o.maxBandwidthMibS > 0 ? o.maxBandwidthMibS * 1024 * 1024 : UNCAPPED_BANDWIDTH,
+    maxBandwidthBytesS: o.maxBandwidthMibS ? o.maxBandwidthMibS * 1024 * 1024 : UNCAPPED_BANDWIDTH,
     downtimeLimitMs: o.downtimeLimitMs || DEFAULT_DOWNTIME_LIMIT_MS,
-    autoConverge: o.autoConverge,
-    allowPostcopy: o.allowPostcopy,
+    autoConverge: o.autoConverge ?? false,
+    allowPostcopy: o.allowPostcopy ?? false,
     timeoutMs: o.timeoutMs || DEFAULT_TIMEOUT_MS,
     gracePeriodMs: o.gracePeriodMs || defaultGraceMs,
   };

@@ -105,22 +105,12 @@ export class BridgeNetwork implements NetworkBackend {
       this.plan.portRange,
       (port, proto) => !this.#hostBusy({ hostPort: port, guestPort: 0, protocol: proto }),
     );
-    const net: CapsuleNet = {
-      backend: "bridge",
+    const net = await this.#plug(rec, {
       ip,
       prefix: this.plan.cluster.prefix,
-      gateway: this.plan.gateway,
-      dns: this.plan.dns,
       mac: this.opts.macFor(rec.id),
-      tap: tapName(rec.id),
       hostPorts,
-    };
-    try {
-      await this.#ensureLinks({ ...rec, net });
-    } catch (err) {
-      await this.#removeLinks({ ...rec, net }).catch(() => {});
-      throw err;
-    }
+    });
     this.#lastIp = ip;
     this.#log.info("capsule network attached", { capsule: rec.id, ip, tap: net.tap, hostPorts: hostPorts.map(fmt) });
     return net;
@@ -150,22 +140,7 @@ export class BridgeNetwork implements NetworkBackend {
       return free ? { ...p, hostPort: was.hostPort } : p;
     });
     const hostPorts = resolvePorts(wanted, held, "0.0.0.0", this.plan.portRange, probe);
-    const net: CapsuleNet = {
-      backend: "bridge",
-      ip: from.ip,
-      prefix: from.prefix,
-      gateway: this.plan.gateway,
-      dns: this.plan.dns,
-      mac: from.mac,
-      tap: tapName(rec.id),
-      hostPorts,
-    };
-    try {
-      await this.#ensureLinks({ ...rec, net });
-    } catch (err) {
-      await this.#removeLinks({ ...rec, net }).catch(() => {});
-      throw err;
-    }
+    const net = await this.#plug(rec, { ...from, hostPorts });
     this.#log.info("arriving capsule's network adopted", {
       capsule: rec.id,
       ip: from.ip,
@@ -284,6 +259,24 @@ export class BridgeNetwork implements NetworkBackend {
       exposed: state.capsules.reduce((n, c) => n + c.exposed.length, 0),
       ms: Math.round(this.lastApplyMs),
     });
+  }
+
+  // The capsule's identity on this bridge plus its links; nothing is left behind if the links fail.
+  async #plug(rec: CapsuleRecord, id: ArrivingNet): Promise<CapsuleNet> {
+    const net: CapsuleNet = {
+      backend: "bridge",
+      ...id,
+      gateway: this.plan.gateway,
+      dns: this.plan.dns,
+      tap: tapName(rec.id),
+    };
+    try {
+      await this.#ensureLinks({ ...rec, net });
+    } catch (err) {
+      await this.#removeLinks({ ...rec, net }).catch(() => {});
+      throw err;
+    }
+    return net;
   }
 
   async #ensureLinks(rec: CapsuleRecord): Promise<void> {

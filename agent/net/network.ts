@@ -4,7 +4,7 @@
  * host ports, taps and rules. Two backends: `bridge` (the real capsule network, root) and
  * `usermode` (QEMU slirp, for rootless development).
  */
-import type { CapsuleNet, CapsuleRecord, PortMapping } from "../capsule/types.ts";
+import type { ArrivingCapsule, CapsuleNet, CapsuleRecord, PortMapping } from "../capsule/types.ts";
 import type { GuestPort } from "../osserver/guest_messages.ts";
 import type { HostForward } from "../vmm/qemu_args.ts";
 import type { Refusal } from "./ports.ts";
@@ -57,14 +57,8 @@ export interface NetworkBackend {
   uninstall(records: CapsuleRecord[]): Promise<void>;
 }
 
-/** A migrating capsule's network identity as its source had it. */
-export interface ArrivingNet {
-  ip: string;
-  prefix: number;
-  mac: string;
-  /** Host ports at the source; spec ports with host_port 0 keep theirs here when free. */
-  hostPorts: PortMapping[];
-}
+/** A migrating capsule's network identity as its source had it; spec ports with host_port 0 keep theirs here when free. */
+export type ArrivingNet = ArrivingCapsule["net"];
 
 /** Mappings in `a` missing from `b`, by host port and protocol. */
 export function minus(a: PortMapping[], b: PortMapping[]): PortMapping[] {

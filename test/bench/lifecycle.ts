@@ -16,7 +16,7 @@
  */
 import { KernelKind } from "../../agent/gen/flexcap/v1/image.ts";
 import { buildHttpdImage, spec, startTestAgent, type TestAgent } from "../harness/agent.ts";
-import { envInt, main } from "./report.ts";
+import { envInt, main, median, round1 } from "./report.ts";
 
 const MEMORY_MIB = 128;
 const KERNEL = Deno.env.get("BENCH_KERNEL") ?? "linux-vm";
@@ -32,15 +32,6 @@ const READY_TIMEOUT_MS = 120_000;
 
 const log = (msg: string) => console.error(`bench lifecycle: ${msg}`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const round1 = (x: number) => Math.round(x * 10) / 10;
-
-/** Median of the samples (mean of the middle two for an even count). */
-export function median(xs: number[]): number {
-  if (xs.length === 0) return NaN;
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
 
 /** One HTTP/1.0 GET over a fresh TCP connection; true if it got a 200 with BODY. */
 async function httpOnce(port: number, timeoutMs: number): Promise<boolean> {

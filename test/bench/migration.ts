@@ -52,8 +52,8 @@ import { spec, startTestAgent, type TestAgent, waitFor } from "../harness/agent.
 import { startCluster, type TestCluster } from "../harness/cluster.ts";
 import { buildRedisImage, haveFile, KernelKind, REDIS } from "../harness/images.ts";
 import type { TestInstance } from "../harness/instance.ts";
-import { netclientResult } from "../harness/netns.ts";
-import { envInt, main } from "./report.ts";
+import { type LoopStats, netclientResult } from "../harness/netns.ts";
+import { envInt, main, median, positive, round1, round2 } from "./report.ts";
 
 const TCP = 1;
 const REDIS_PORT = 6379;
@@ -78,22 +78,6 @@ const cleanups = new Set<() => Promise<void>>();
 
 const log = (msg: string) => console.error(`bench migration: ${msg}`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const round1 = (x: number) => Math.round(x * 10) / 10;
-const round2 = (x: number) => Math.round(x * 100) / 100;
-
-/** Throws unless `x` is a finite number above zero: a measurement that silently failed reads as 0 or NaN. */
-function positive(what: string, x: number): number {
-  if (!Number.isFinite(x) || x <= 0) throw new Error(`${what}: measurement failed (got ${x})`);
-  return x;
-}
-
-/** Median of the samples (mean of the middle two for an even count). */
-function median(xs: number[]): number {
-  if (xs.length === 0) return NaN;
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
 
 /** One migration's figures. */
 interface Sample {
@@ -105,16 +89,6 @@ interface Sample {
   gap_ms: number;
   bytes: number;
   rounds: number;
-}
-
-/** netclient redis-loop's stats (capsule/linuxvm). */
-interface LoopResult {
-  requests: number;
-  failures: number;
-  errors: string[];
-  max_gap_ms: number;
-  p50_ms: number;
-  p99_ms: number;
 }
 
 /** Medians of the headline figures, every sample, and what else a variant reports. */
@@ -246,7 +220,7 @@ async function clusterVariant(variant: ClusterVariant, runs: number) {
     log(`${variant}: ${memoryMib} MiB guest exposed ${round1(started.bootMs)} ms after StartCapsule`);
 
     const samples: Sample[] = [];
-    const loops: LoopResult[] = [];
+    const loops: LoopStats[] = [];
     const directions: string[] = [];
     let mode = "";
     let on = 0;
@@ -274,12 +248,12 @@ async function clusterVariant(variant: ClusterVariant, runs: number) {
         String(loopMs),
       ]);
       let r: MigrationResult;
-      let loopRes: LoopResult;
+      let loopRes: LoopStats;
       try {
         await sleep(LOOP_LEAD_MS);
         r = await migrate(from.agent.client, { capsule: name, targetPeer: c.names[to], options: undefined });
         const migrated = Date.now();
-        loopRes = await netclientResult(loop) as LoopResult;
+        loopRes = await netclientResult(loop) as LoopStats;
         // The loop must have seen the service come back, not ended while it was away.
         if (migrated + LOOP_TAIL_MS > loopStart + loopMs) {
           throw new Error(

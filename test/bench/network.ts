@@ -28,8 +28,8 @@ import { type CapsuleRules, renderTable, type TableState } from "../../agent/net
 import { spec, startTestAgent, type TestAgent, waitFor } from "../harness/agent.ts";
 import { buildRedisImage, buildShellImage, haveFile, REDIS } from "../harness/images.ts";
 import { startInstance, type TestInstance } from "../harness/instance.ts";
-import { createTestNet, netclientResult, type NsHost, type TestNet } from "../harness/netns.ts";
-import { envInt, main } from "./report.ts";
+import { createTestNet, type LoopStats, netclientResult, type NsHost, type TestNet } from "../harness/netns.ts";
+import { envInt, main, median, positive, round1, round2 } from "./report.ts";
 
 const TCP = 1;
 const PROBE_INTERVAL_MS = 5;
@@ -42,23 +42,7 @@ const MAX_FAILURE_SHARE = 0.01;
 
 const log = (msg: string) => console.error(`bench network: ${msg}`);
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const round1 = (x: number) => Math.round(x * 10) / 10;
-const round2 = (x: number) => Math.round(x * 100) / 100;
 const tcpPort = (guestPort: number, hostPort: number) => ({ guestPort, hostPort, protocol: TCP });
-
-/** Throws unless `x` is a finite number above zero: a measurement that silently failed reads as 0 or NaN. */
-function positive(what: string, x: number): number {
-  if (!Number.isFinite(x) || x <= 0) throw new Error(`${what}: measurement failed (got ${x})`);
-  return x;
-}
-
-/** Median of the samples (mean of the middle two for an even count). */
-function median(xs: number[]): number {
-  if (xs.length === 0) return NaN;
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
 
 function summary(xs: number[]) {
   return { median: round1(median(xs)), p_max: round1(Math.max(...xs)), samples: xs.map(round1) };
@@ -208,17 +192,6 @@ async function nftApply(host: NsHost, reps: number) {
 // ---------------------------------------------------------------------------------------------
 // NAPT vs usermode
 
-interface LoopResult {
-  requests: number;
-  failures: number;
-  errors: string[];
-  p50_ms: number;
-  p99_ms: number;
-  max_gap_ms: number;
-  elapsed_ms?: number;
-  requests_per_s?: number;
-}
-
 interface Download {
   ok: boolean;
   downloads: number;
@@ -255,7 +228,7 @@ interface Side {
   address: string;
 }
 
-function checkLoop(what: string, r: LoopResult): LoopResult {
+function checkLoop(what: string, r: LoopStats): LoopStats {
   const ok = r.requests - r.failures;
   if (ok <= 0) throw new Error(`${what}: no successful request: ${r.errors.join("; ")}`);
   if (r.failures > r.requests * MAX_FAILURE_SHARE) {
@@ -308,7 +281,7 @@ async function requestLoops(net: TestNet, sides: Side[], loopMs: number, downloa
     await net.client.netclient(["redis-ping-loop", ...target, "--duration-ms", "1000"]); // warm-up
     const ping = checkLoop(
       `${s.key} redis-ping-loop`,
-      await net.client.netclient(["redis-ping-loop", ...target, "--duration-ms", String(loopMs)]) as LoopResult,
+      await net.client.netclient(["redis-ping-loop", ...target, "--duration-ms", String(loopMs)]) as LoopStats,
     );
     const pairs = checkLoop(
       `${s.key} redis-loop`,
@@ -319,7 +292,7 @@ async function requestLoops(net: TestNet, sides: Side[], loopMs: number, downloa
         String(loopMs),
         "--interval-ms",
         "0",
-      ]) as LoopResult,
+      ]) as LoopStats,
     );
     Object.assign(out[s.key], {
       requests_per_s: positive(`${s.key} requests_per_s`, round1(ping.requests_per_s ?? 0)),

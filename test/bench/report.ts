@@ -66,3 +66,22 @@ export function envInt(name: string, dflt: number): number {
   if (!Number.isInteger(n) || n < 1) throw new Error(`${name} must be a positive integer, got ${JSON.stringify(v)}`);
   return n;
 }
+
+/** Median of the samples (mean of the middle two for an even count). */
+export function median(xs: number[]): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+/** Throws unless `x` is a finite number above zero: a measurement that silently failed reads as 0 or NaN. */
+export function positive(what: string, x: number): number {
+  if (!Number.isFinite(x) || x <= 0) throw new Error(`${what}: measurement failed (got ${x})`);
+  return x;
+}
+
+/** `x` rounded to one decimal. */
+export const round1 = (x: number): number => Math.round(x * 10) / 10;
+/** `x` rounded to two decimals. */
+export const round2 = (x: number): number => Math.round(x * 100) / 100;

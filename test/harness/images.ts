@@ -2,6 +2,7 @@
  * Images the tests and benchmarks share, besides busybox httpd (agent/cli/httpd_image.ts).
  */
 import type { FlexcapClient } from "../../agent/cli/client.ts";
+import { CapsuleSpec, Protocol } from "../../agent/gen/flexcap/v1/capsule.ts";
 import { BuildImageRequest, type Image, KernelKind } from "../../agent/gen/flexcap/v1/image.ts";
 
 export { KernelKind };
@@ -45,4 +46,22 @@ export async function buildShellImage(
     args: ["sh", "-c", script],
     kernel,
   }))).image!;
+}
+
+/** Creates and starts capsule `name` from image `image` (a redis image) with guest port 6379 on `hostPort`. */
+export async function startRedisCapsule(
+  client: FlexcapClient,
+  name: string,
+  hostPort: number,
+  opts: { image?: string; memoryMib?: number } = {},
+): Promise<void> {
+  await client.capsules.createCapsule({
+    name,
+    spec: CapsuleSpec.fromPartial({
+      image: opts.image ?? "redis",
+      memoryMib: opts.memoryMib ?? 48,
+      ports: [{ guestPort: 6379, hostPort, protocol: Protocol.PROTOCOL_TCP }],
+    }),
+  });
+  await client.capsules.startCapsule({ capsule: name });
 }

@@ -181,6 +181,20 @@ async function destroyNamespace(ns: string): Promise<void> {
   } catch { /* best effort */ }
 }
 
+/** What netclient's loops print (see test/harness/netclient.ts); the rate fields come from redis-ping-loop. */
+export interface LoopStats {
+  requests: number;
+  failures: number;
+  /** The first 10 errors. */
+  errors: string[];
+  /** Longest time between two consecutive successful replies. */
+  max_gap_ms: number;
+  p50_ms: number;
+  p99_ms: number;
+  elapsed_ms?: number;
+  requests_per_s?: number;
+}
+
 /** Awaits a netclient child (from spawnNetclient) and returns its JSON result; throws like NsHost.netclient. */
 export async function netclientResult(child: Deno.ChildProcess): Promise<unknown> {
   const out = await child.output();

@@ -7,11 +7,11 @@
  */
 import assert from "node:assert/strict";
 import { type FlexcapClient, migrate } from "../../agent/cli/client.ts";
-import { CapsuleSpec, CapsuleState, Protocol } from "../../agent/gen/flexcap/v1/capsule.ts";
+import { CapsuleState } from "../../agent/gen/flexcap/v1/capsule.ts";
 import { MigrationOptions, MigrationPhase } from "../../agent/gen/flexcap/v1/migration.ts";
 import { waitFor } from "../harness/agent.ts";
 import { startCluster, type TestCluster } from "../harness/cluster.ts";
-import { buildRedisImage } from "../harness/images.ts";
+import { buildRedisImage, startRedisCapsule } from "../harness/images.ts";
 import { netnsSupported } from "../harness/netns.ts";
 
 const supported = await netnsSupported();
@@ -34,15 +34,7 @@ Deno.test({
       const node = [a, b];
       const client = c.net.client;
       await buildRedisImage(a.agent.client, "redis");
-      await a.agent.client.capsules.createCapsule({
-        name: "kv",
-        spec: CapsuleSpec.fromPartial({
-          image: "redis",
-          memoryMib: 48,
-          ports: [{ guestPort: 6379, hostPort: 6500, protocol: Protocol.PROTOCOL_TCP }],
-        }),
-      });
-      await a.agent.client.capsules.startCapsule({ capsule: "kv" });
+      await startRedisCapsule(a.agent.client, "kv", 6500);
       const list = async (i: number) =>
         (await node[i].agent.client.capsules.listCapsules({ labelSelector: {} })).capsules.filter((x) =>
           x.name === "kv"

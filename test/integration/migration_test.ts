@@ -5,11 +5,11 @@
  */
 import assert from "node:assert/strict";
 import { migrate } from "../../agent/cli/client.ts";
-import { CapsuleSpec, CapsuleState, Protocol } from "../../agent/gen/flexcap/v1/capsule.ts";
+import { CapsuleSpec, CapsuleState } from "../../agent/gen/flexcap/v1/capsule.ts";
 import type { MigrationProgress } from "../../agent/gen/flexcap/v1/migration.ts";
 import { waitFor } from "../harness/agent.ts";
 import { startCluster, type TestCluster } from "../harness/cluster.ts";
-import { buildRedisImage } from "../harness/images.ts";
+import { buildRedisImage, startRedisCapsule } from "../harness/images.ts";
 import { netclientResult, netnsSupported, type NsHost } from "../harness/netns.ts";
 import type { TestInstance } from "../harness/instance.ts";
 import { buildMemtestImage, guestCorruption, parseMemtest } from "../harness/memtest.ts";
@@ -67,15 +67,7 @@ Deno.test({
       const [a, b] = c.nodes;
       const client = c.net.client;
       await buildRedisImage(a.agent.client, "redis");
-      await a.agent.client.capsules.createCapsule({
-        name: "cache",
-        spec: CapsuleSpec.fromPartial({
-          image: "redis",
-          memoryMib: 48,
-          ports: [{ guestPort: 6379, hostPort: 6400, protocol: Protocol.PROTOCOL_TCP }],
-        }),
-      });
-      await a.agent.client.capsules.startCapsule({ capsule: "cache" });
+      await startRedisCapsule(a.agent.client, "cache", 6400);
       await waitFor("redis exposed on A", async () => (await capsuleOn(a, "cache"))?.exposed.length === 1);
       await fillRedis(client, a.host.address, 6400);
       const ipBefore = (await capsuleOn(a, "cache"))!.network!.address;

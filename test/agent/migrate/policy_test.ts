@@ -1,3 +1,4 @@
+import { MigrationOptions as MigrationOptionsPb } from "../../../agent/gen/flexcap/v1/migration.ts";
 import assert from "node:assert/strict";
 import { FailedPreconditionError } from "../../../agent/errors.ts";
 import {
@@ -15,14 +16,8 @@ import type { MigrationOptions } from "../../../agent/migrate/types.ts";
 
 const DEBIAN_72 =
   "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\nCopyright (c) 2003-2022 Fabrice Bellard";
-const zero = {
-  maxBandwidthMibS: 0,
-  downtimeLimitMs: 0,
-  autoConverge: false,
-  allowPostcopy: false,
-  timeoutMs: 0,
-  gracePeriodMs: 0,
-};
+// What an all-zero MigrationOptions message decodes to.
+const zero = MigrationOptionsPb.fromPartial({});
 const opts = (o: Partial<MigrationOptions> = {}): MigrationOptions => ({
   maxBandwidthBytesS: 64 * 1024 * 1024,
   downtimeLimitMs: 500,

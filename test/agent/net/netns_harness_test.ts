@@ -8,6 +8,7 @@ import { startTestAgent, waitFor } from "../../harness/agent.ts";
 import { haveFile, REDIS } from "../../harness/images.ts";
 import {
   createTestNet,
+  type LoopStats,
   netclientResult,
   netnsSupported,
   type NsHost,
@@ -22,14 +23,6 @@ interface Probe {
   ok: boolean;
   ms: number;
   error?: string;
-}
-interface LoopStats {
-  requests: number;
-  failures: number;
-  errors: string[];
-  max_gap_ms: number;
-  p50_ms: number;
-  p99_ms: number;
 }
 
 async function namespaces(): Promise<string[]> {
